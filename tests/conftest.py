@@ -1,0 +1,71 @@
+"""Tiny models and tokenizers built in code: no downloads anywhere in the suite."""
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def build_tokenizer():
+    """Byte-level BPE without merges: every byte is a token, any text encodes. pad == eos, as in SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                      bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tokenizer()
+    build_model(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def write_pairs(path: Path, n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = "the a cat dog sat ran on mat up down red blue".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+            row = {"prompt": prompt, "chosen": " " + " ".join(rng.choices(words, k=rng.randint(1, 6))),
+                   "rejected": " " + " ".join(rng.choices(words, k=rng.randint(1, 6)))}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 48)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]

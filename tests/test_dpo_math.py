@@ -1,0 +1,145 @@
+"""Closed-form DPO losses, the log-prob helper against naive references, collation and tokenization."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import encode_completion, label_logps
+from conftest import build_model, build_tokenizer
+from dpo import LossType, collate, dpo_loss, sequence_logps, tokenize_pair
+
+PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _hand(loss_type, beta, eps, i):
+    h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+    if loss_type == "sigmoid":
+        return -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
+    if loss_type == "robust":
+        return (-(1 - eps) * math.log(_sig(beta * h)) + eps * math.log(_sig(-beta * h))) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return max(0.0, 1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("loss_type", list(LossType))
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_loss_types_match_hand_computation(loss_type, beta, eps):
+    if loss_type in ("hinge", "ipo") and eps:
+        pytest.skip("label smoothing applies to sigmoid/robust only")
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    losses, cr, rr = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, eps)
+    for i in range(2):
+        assert losses[i].item() == pytest.approx(_hand(loss_type, beta, eps, i), rel=1e-12)
+        assert cr[i].item() == pytest.approx(beta * (PC[i] - RC[i]))
+        assert rr[i].item() == pytest.approx(beta * (PR[i] - RR[i]))
+    # accuracy is "chosen reward > rejected reward": pair 0 is right (0.1b > -0.05b), pair 1 wrong
+    assert ((cr > rr).tolist()) == [True, False]
+
+
+def test_policy_equals_reference_gives_ln2_and_zero_rewards():
+    x = torch.randn(5, dtype=torch.float32)
+    y = torch.randn(5, dtype=torch.float32)
+    for eps in (0.0, 0.3):
+        losses, cr, rr = dpo_loss(x, y, x.clone(), y.clone(), 0.1, "sigmoid", eps)
+        torch.testing.assert_close(losses, torch.full((5,), math.log(2)), atol=1e-7, rtol=0)
+        assert cr.abs().max() == 0 and rr.abs().max() == 0
+
+
+def test_dpo_gradient_direction():
+    pc, pr = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, torch.zeros(3), torch.zeros(3), 0.1)
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
+    torch.testing.assert_close(pc.grad, torch.full((3,), -0.05))  # d/dx -logsig(beta x) at 0 = -beta/2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logps_equals_naive_log_softmax(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 101) * 3).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 101, (37,))
+    g = torch.randn(37)
+    ours = label_logps(logits, labels, chunk=8)  # chunk boundaries inside the batch
+    (ours * g).sum().backward()
+    grad_ours = logits.grad.clone()
+    logits.grad = None
+    naive = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    (naive * g).sum().backward()
+    tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(ours, naive, **tol)
+    torch.testing.assert_close(grad_ours.float(), logits.grad.float(), **tol)
+
+
+def _examples(tok, n=3):
+    rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
+    return [tokenize_pair(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+
+
+def test_encode_completion_appends_eos_once():
+    tok = build_tokenizer()
+    ids = encode_completion(tok, " hi")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert encode_completion(tok, " hi<eos>") == ids  # already there: not appended again
+    assert encode_completion(tok, [{"role": "assistant", "content": " hi"}]) == ids
+
+
+def test_truncation_cuts_prompt_left_then_completion_right():
+    tok = build_tokenizer()
+    row = {"prompt": "0123456789", "chosen": "abcdefgh", "rejected": "xy"}
+    ex, truncated = tokenize_pair(tok, row, max_length=10, max_prompt_length=4)
+    assert truncated
+    assert tok.decode(ex["prompt"]) == "6789"
+    assert tok.decode(ex["chosen"]) == "abcdef"  # 10 - 4 = 6 tokens: EOS cut off with the tail
+    assert tok.decode(ex["rejected"]) == "xy<eos>"
+    ex, truncated = tokenize_pair(tok, row, max_length=4, max_prompt_length=4)
+    assert ex is None and truncated  # the completion would vanish: dropped
+
+
+def test_collate_masks_prompt_tokens():
+    tok = build_tokenizer()
+    exs = _examples(tok)
+    for padding_free in (True, False):
+        b = collate(exs, tok.pad_token_id, padding_free)
+        seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
+        assert b["labels"].tolist() == sum([e[k] for k in ("chosen", "rejected") for e in exs], [])
+        # every kept position predicts a completion token; none predicts a prompt token or padding
+        ids, keep = b["input_ids"], b["keep"]
+        if padding_free:
+            flat_next = torch.cat([ids[0, 1:], ids.new_tensor([-1])])
+            assert flat_next[keep[0]].tolist() == b["labels"].tolist()
+            assert keep.sum().item() == sum(len(e[k]) for k in ("chosen", "rejected") for e in exs)
+        else:
+            assert keep.shape == ids.shape and b["attention_mask"].sum().item() == sum(map(len, seqs))
+            nxt = torch.cat([ids[:, 1:], ids[:, :1] * 0 - 1], 1)
+            assert nxt[keep].tolist() == b["labels"].tolist()
+
+
+def _naive_logps(model, tok, exs):
+    """Padded batch, full log_softmax, mask from lengths: the plain reference implementation."""
+    out = []
+    for k in ("chosen", "rejected"):
+        for e in exs:
+            ids = torch.tensor([e["prompt"] + e[k]])
+            logp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1]
+            tgt = ids[0, 1:]
+            tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
+            out.append(tok_lp[len(e["prompt"]) - 1:].sum())
+    return torch.stack(out)
+
+
+def test_sequence_logps_fast_paths_equal_naive():
+    tok = build_tokenizer()
+    model = build_model(len(tok)).eval()
+    exs = _examples(tok, 4)
+    with torch.no_grad():
+        naive = _naive_logps(model, tok, exs)
+        for padding_free in (True, False):
+            fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
+            torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)

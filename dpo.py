@@ -19,7 +19,7 @@ from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, TrainArgs, UserError, arithmetic_prompt,
                     arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, label_logps,
-                    print0, read_rows, run_main)
+                    print0, read_rows, run_main, supports_logits_to_keep)
 
 
 class LossType(StrEnum):
@@ -138,7 +138,10 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed completion log-probs [2B] from one forward; logits only at completion positions (logits_to_keep)."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch.tensors}
-    logits = model(**inputs, logits_to_keep=batch["keep"], use_cache=False).logits  # [N_completion, V]
+    if supports_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=batch["keep"], use_cache=False).logits  # [N_completion, V]
+    else:  # models without a boolean logits_to_keep: full logits, then the completion positions
+        logits = model(**inputs, use_cache=False).logits[batch["keep"]]
     token_logps = label_logps(logits.reshape(-1, logits.shape[-1]), batch["labels"])
     return torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
 
@@ -154,13 +157,17 @@ class DPOTrainer(BaseTrainer):
         if not self.args.reference_free:
             # identical init on every rank (same seed, same file), frozen, never wrapped or given gradients
             import copy
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         return model
 
     def setup_data(self) -> None:
         a, tok = self.args, self.tokenizer
-        if a.loss_type == LossType.robust and not 0 <= a.label_smoothing < 0.5:
-            raise UserError("--label-smoothing must be in [0, 0.5) for --loss-type robust")
+        if a.beta <= 0:
+            raise UserError(f"--beta {a.beta}: must be > 0")
+        if not 0 <= a.label_smoothing < 0.5:
+            raise UserError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
+        if a.label_smoothing and a.loss_type in (LossType.hinge, LossType.ipo):
+            raise UserError(f"--label-smoothing applies to --loss-type sigmoid or robust, not {a.loss_type}")
         if not 1 <= a.max_prompt_length <= a.max_length:
             raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length {a.max_length}]")
         if a.dataset == BUILTIN_TASK:
@@ -224,8 +231,8 @@ class DPOTrainer(BaseTrainer):
                 ref_logps = sequence_logps(self.ref_model, batch)
         else:
             ref_logps = torch.zeros_like(policy_logps)
-        # RPO: token-mean NLL of the chosen completions (on summed log-probs, whatever the loss type)
-        nll = -policy_logps.chunk(2)[0].sum() / batch["lengths"].chunk(2)[0].sum()
+        # RPO: NLL per chosen token, averaged per pair (a per-sample mean keeps accumulation/world-size invariance)
+        nll = (-policy_logps.chunk(2)[0] / batch["lengths"].chunk(2)[0]).mean()
         if a.loss_type == LossType.ipo:  # IPO is defined on length-averaged log-probs
             policy_logps, ref_logps = policy_logps / batch["lengths"], ref_logps / batch["lengths"]
         pc, pr = policy_logps.chunk(2)

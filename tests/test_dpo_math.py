@@ -28,11 +28,9 @@ def _hand(loss_type, beta, eps, i):
         return (h - 1 / (2 * beta)) ** 2
 
 
-@pytest.mark.parametrize("loss_type", list(LossType))
-@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2)])
+@pytest.mark.parametrize("loss_type,beta,eps", [(lt, 0.1, 0.0) for lt in LossType] + [
+    ("sigmoid", 0.5, 0.2), ("robust", 0.5, 0.2)])
 def test_loss_types_match_hand_computation(loss_type, beta, eps):
-    if loss_type in ("hinge", "ipo") and eps:
-        pytest.skip("label smoothing applies to sigmoid/robust only")
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     losses, cr, rr = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, eps)
     for i in range(2):
@@ -41,6 +39,16 @@ def test_loss_types_match_hand_computation(loss_type, beta, eps):
         assert rr[i].item() == pytest.approx(beta * (PR[i] - RR[i]))
     # accuracy is "chosen reward > rejected reward": pair 0 is right (0.1b > -0.05b), pair 1 wrong
     assert ((cr > rr).tolist()) == [True, False]
+
+
+def test_pinned_values():
+    """Literal values computed once outside the code under test, so a mistake shared by formula and test shows."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    args = t(PC[0]), t(PR[0]), t(RC[0]), t(RR[0])  # h = 1.5
+    assert dpo_loss(*args, 0.1, "sigmoid")[0].item() == pytest.approx(0.620957047789532, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "robust", 0.2)[0].item() == pytest.approx(0.13687100611490002, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "hinge")[0].item() == pytest.approx(0.25, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "ipo")[0].item() == pytest.approx(0.25, rel=1e-12)  # (1.5 - 1)^2
 
 
 def test_policy_equals_reference_gives_ln2_and_zero_rewards():
@@ -135,11 +143,21 @@ def _naive_logps(model, tok, exs):
 
 
 def test_sequence_logps_fast_paths_equal_naive():
+    """Packed and padded paths (LM head on completion positions only) vs one-sequence-at-a-time full log_softmax:
+    values and parameter gradients."""
     tok = build_tokenizer()
     model = build_model(len(tok)).eval()
     exs = _examples(tok, 4)
-    with torch.no_grad():
-        naive = _naive_logps(model, tok, exs)
-        for padding_free in (True, False):
-            fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
-            torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(8)
+
+    def grads(logps):
+        model.zero_grad()
+        (logps * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    naive = _naive_logps(model, tok, exs)
+    naive_grads = grads(naive)
+    for padding_free in (True, False):
+        fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
+        torch.testing.assert_close(fast, naive.detach(), rtol=1e-5, atol=1e-5)
+        for n, g in grads(fast).items():
+            torch.testing.assert_close(g, naive_grads[n], rtol=1e-4, atol=1e-6)

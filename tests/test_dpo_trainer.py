@@ -41,11 +41,12 @@ def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_pat
     assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
 
 
-def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"rpo_alpha": 1.0, "loss_type": "ipo"}])
+def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path, kw):
     runs = []
     for bs, accum in ((4, 1), (2, 2)):
         trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path / f"{bs}x{accum}", batch_size=bs,
-                                   gradient_accumulation_steps=accum))
+                                   gradient_accumulation_steps=accum, **kw))
         grads = _capture_grads(trainer)
         trainer.train()
         runs.append((grads, trainer.model.state_dict(), read_metrics(trainer.output_dir)))
@@ -74,12 +75,11 @@ def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
     shutil.copytree(full.output_dir, part)
     shutil.rmtree(part / "checkpoints" / "step_00000006")
     shutil.rmtree(part / "final")
-    (part / "metrics.jsonl").write_text("".join(
-        json.dumps(m) + "\n" for m in read_metrics(part) if m["step"] <= 3))
     resumed = main(_args(tiny_model_dir, pairs_file, part, resume=True, **kw))
     assert resumed.global_step == 6
-    losses = {m["step"]: m["train/loss"] for m in read_metrics(part) if "train/loss" in m}
-    assert losses.keys() == ref_losses.keys()
+    records = [m for m in read_metrics(part) if "train/loss" in m]
+    losses = {m["step"]: m["train/loss"] for m in records}
+    assert [m["step"] for m in records] == sorted(ref_losses)  # records after step 3 were rolled back, not doubled
     for s in (4, 5, 6):
         assert losses[s] == pytest.approx(ref_losses[s], rel=1e-6, abs=1e-7)
     for k, v in resumed.model.state_dict().items():
@@ -95,7 +95,7 @@ def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_
 def test_existing_checkpoints_without_resume_is_an_error(tiny_model_dir, pairs_file, tmp_path):
     main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    with pytest.raises(UserError, match="already holds checkpoints"):
+    with pytest.raises(UserError, match="already holds a run"):
         main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
@@ -136,6 +136,12 @@ def test_non_utf8_line_is_named(tiny_model_dir, tmp_path):
     ({"dataset": "/nonexistent/data.jsonl"}, r"/nonexistent/data.jsonl: no such file"),
     ({"max_prompt_length": 100, "max_length": 50}, r"--max-prompt-length 100"),
     ({"lr_scheduler": "nope"}, r"--lr-scheduler nope"),
+    ({"log_every": 0}, r"--log-every 0: must be >= 1"),
+    ({"batch_size": 0}, r"--batch-size 0: must be >= 1"),
+    ({"beta": 0.0}, r"--beta 0.0: must be > 0"),
+    ({"label_smoothing": 0.6}, r"--label-smoothing 0.6: must be in \[0, 0.5\)"),
+    ({"label_smoothing": 0.1, "loss_type": "hinge"}, r"--label-smoothing applies to"),
+    ({"resume": True, "output_dir": None}, r"--resume needs the --output-dir"),
 ])
 def test_bad_flags_and_paths(tiny_model_dir, pairs_file, tmp_path, kw, match):
     with pytest.raises(UserError, match=match):
@@ -147,7 +153,7 @@ def test_overlong_rows_are_truncated_or_dropped(tiny_model_dir, tmp_path, capsys
     t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out", eval_size=1,
                          max_length=40, max_prompt_length=40))
     out = capsys.readouterr().out
-    assert "dropped" in out and len(t.train_data) + len(t.eval_data) == 8  # prompt fills max_length: row dropped
+    assert "1 dropped" in out and len(t.train_data) + len(t.eval_data) == 8  # prompt fills max_length: row dropped
     t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out2", eval_size=1,
                          max_length=40, max_prompt_length=20))
     assert len(t.train_data) + len(t.eval_data) == 9
@@ -177,3 +183,26 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
     saved = torch.load(tmp_path / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
     for k, v in t.model.state_dict().items():  # not updated by the bad step
         torch.testing.assert_close(v, saved[k])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
+    """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""
+    from dpo import collate, dpo_loss, sequence_logps
+    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=0.5))
+    exs = t.train_data[:4]
+    assert len({len(e["chosen"]) for e in exs} | {len(e["rejected"]) for e in exs}) > 1
+    batch = collate(exs, t.tokenizer.pad_token_id, False)
+    with torch.no_grad():
+        for p in t.ref_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        out = t.compute_loss(t.model, batch)
+        pol, ref = sequence_logps(t.model, batch), sequence_logps(t.ref_model, batch)
+    lengths = batch["lengths"].float()
+    norm = lengths if loss_type == "ipo" else torch.ones_like(lengths)
+    (pc, pr), (rc, rr) = (pol / norm).chunk(2), (ref / norm).chunk(2)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, 0.1, loss_type)
+    nll = (-pol.chunk(2)[0] / lengths.chunk(2)[0]).mean()
+    torch.testing.assert_close(out.loss, losses.mean() + 0.5 * nll)
+    torch.testing.assert_close(out.metrics["rewards/margins"], (cr - rj).mean())
+    torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean())

@@ -1,0 +1,485 @@
+"""Proximal Policy Optimization for language models (RLHF / RL from verifiable rewards), one file.
+
+    python ppo.py                                   # bundled SmolLM2-135M-Instruct, arithmetic prompts, verifier
+    python ppo.py --dataset prompts.jsonl --reward-fn my_rewards:score
+    python ppo.py --dataset prompts.jsonl --reward-model path/to/reward_model --critic separate
+    torchrun --nproc_per_node 8 ppo.py --dataset prompts.jsonl --reward-model path/to/rm
+
+One step (iteration) = rollout -> score -> log-probs/values -> per-token rewards -> GAE -> ppo_epochs x num_minibatches
+clipped updates. Details follow PPO (Schulman et al. 2017, https://arxiv.org/abs/1707.06347) and "The N+
+Implementation Details of RLHF with PPO" (Huang et al. 2024, https://arxiv.org/abs/2403.17031), cited below as N+.
+Prompt rows are {"prompt": str or messages, ...}; the other fields reach the reward function.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+import tyro
+from torch import nn
+
+from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
+                    arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
+                    label_logps, load_model, print0, read_rows, run_main)
+
+
+class CriticType(StrEnum):
+    value_head = "value_head"  # a scalar head on the policy's own backbone: one forward, no second model
+    separate = "separate"  # its own backbone: a copy of the reward model (N+ detail) or else of the policy
+
+
+class KLEstimator(StrEnum):
+    k1 = "k1"  # log pi - log pi_ref: unbiased, can be negative per token
+    k3 = "k3"  # (r - 1) - log r with r = pi_ref / pi: unbiased, always >= 0, lower variance (Schulman 2020)
+
+
+@dataclass
+class Args(TrainArgs):
+    reward_fn: str | None = None
+    """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; default: the built-in
+    arithmetic verifier (1.0 if the first integer of the reply is the sum, else 0.0)"""
+    reward_model: str | None = None
+    """path of an AutoModelForSequenceClassification scored at the last non-pad token (instead of --reward-fn)"""
+    critic: CriticType = CriticType.value_head
+    """value_head (default: one forward gives logits and values, half the memory) or separate"""
+    kl_coef: float = 0.05
+    """per-token KL penalty coefficient"""
+    kl_estimator: KLEstimator = KLEstimator.k1
+    """k1 or k3"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (mean kept) before GAE"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip"""
+    cliprange_value: float = 0.2
+    """value prediction clip around the rollout values"""
+    vf_coef: float = 0.1
+    """value loss weight"""
+    ppo_epochs: int = 2
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """optimizer updates per epoch; each minibatch is split into --gradient-accumulation-steps micro-batches"""
+    temperature: float = 0.7
+    """sampling temperature; the log-probs divide the logits by it too (N+ detail)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_new_tokens: int = 8
+    """response length cap"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of responses that never emit EOS"""
+    batch_size: int = 32
+    """prompts per device per rollout"""
+    learning_rate: float = 1e-5
+    """peak AdamW learning rate (policy and critic)"""
+    total_steps: int = 40
+    """iterations (rollout + updates); 0 = run only the step-0 eval"""
+    log_every: int = 5
+    """iterations between log lines / metrics.jsonl records"""
+    eval_every: int = 10
+    """iterations between evals (0 = only at start and end)"""
+    max_length: int = 256
+    """max tokens of prompt + response"""
+    max_prompt_length: int = 200
+    """prompts longer than this are cut from the left"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure functions: the PPO math on [B, L] response-token tensors, `mask` = 1 on valid response tokens
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize over valid tokens only (N+ detail: padding must not enter the statistics); unbiased variance."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi [B, L] (http://joschu.net/blog/kl-approx.html)."""
+    log_ratio = logps - ref_logps
+    if estimator == KLEstimator.k1:
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio  # k3 = (r - 1) - log r, r = pi_ref / pi
+
+
+def shape_rewards(scores, logps, ref_logps, mask, kl_coef: float, estimator: KLEstimator):
+    """Per-token rewards [B, L]: -kl_coef * KL on every response token, plus the sequence score [B] on the last
+    valid one (N+ details; Ziegler et al. 2019). -> (rewards, kl, non_score_reward)."""
+    kl = kl_penalty(logps, ref_logps, estimator) * mask
+    non_score = -kl_coef * kl
+    last = (mask.sum(1) - 1).long()
+    rewards = non_score.clone()
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
+    return rewards, kl, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16) over response tokens [B, L].
+    The value after the last valid token is 0 (the episode ends there). -> (advantages, returns)."""
+    values = values * mask
+    rewards = rewards * mask
+    last, out = torch.zeros_like(values[:, 0]), []
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    advantages = torch.stack(out[::-1], dim=1) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logps, old_logps, advantages, mask, cliprange):
+    """PPO clipped surrogate (eq. 7), token-level mean. -> (loss, clipfrac, approxkl, ratio)."""
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    approxkl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    return loss, clipfrac, approxkl, ratio
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss (N+ / OpenAI lm-human-preferences): 0.5 max((v - R)^2, (clip(v) - R)^2). -> (loss, clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_err, clipped_err), mask)
+    return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Mask [B, L] that keeps tokens up to and including the first EOS; tokens after it become pad.
+    -> (responses, mask, has_eos [B])."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1])
+    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.float(), has_eos
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class ActorCritic(nn.Module):
+    """Policy LM + critic in one module: one optimizer, one DDP wrapper. `forward` returns logits and values only
+    at the positions in `keep` (those that predict a response token), so the LM head never runs on the prompt."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module, critic_backbone: nn.Module | None = None):
+        super().__init__()
+        self.policy, self.value_head, self.critic_backbone = policy, value_head, critic_backbone
+
+    def forward(self, input_ids, attention_mask, position_ids, keep):
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = self.policy.base_model(**inputs).last_hidden_state
+        logits = self.policy.get_output_embeddings()(hidden[keep])  # [N_kept, V]
+        if self.critic_backbone is not None:
+            hidden = self.critic_backbone(**inputs).last_hidden_state
+        return logits, self.value_head(hidden[keep]).squeeze(-1)  # [N_kept, V], [N_kept]
+
+
+def reward_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Linear):
+            return getattr(model, name)
+    raise UserError(f"reward model {type(model).__name__}: no linear `score`/`classifier` head found")
+
+
+@torch.no_grad()
+def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar score at the last non-pad token [B]; position ids from the mask so left padding is harmless."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+    last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
+    return reward_head(rm)(last)[:, 0].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PPOTrainer(BaseTrainer):
+    script_name = "ppo"
+    summary_keys = ("scores", "greedy_accuracy")
+    samples_per_s_key = "episodes_per_s"
+    args: Args
+
+    def build_model(self) -> nn.Module:
+        a = self.args
+        policy = super().build_model()
+        self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.reward_model = None
+        if a.reward_model:
+            from transformers import AutoModelForSequenceClassification
+            self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
+                                           auto_class=AutoModelForSequenceClassification)
+            self.reward_model.eval().requires_grad_(False).to(self.device)
+        self.ref_policy.to(self.device)
+        hidden = policy.config.hidden_size
+        if a.critic == CriticType.separate and self.reward_model is not None:
+            # N+ detail: the critic starts as the reward model (backbone and head)
+            backbone, head = copy.deepcopy(self.reward_model.base_model), copy.deepcopy(reward_head(self.reward_model))
+            backbone.requires_grad_(True), head.requires_grad_(True)
+        else:
+            backbone = copy.deepcopy(policy.base_model) if a.critic == CriticType.separate else None
+            # zero init: values start at 0 instead of at a random scale, so early value-loss gradients (which flow
+            # into the shared backbone with the value head) do not drown the policy gradient
+            head = nn.Linear(hidden, 1)
+            nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        return ActorCritic(policy, head, backbone)
+
+    def hf_model(self) -> nn.Module:
+        return self.model.policy
+
+    def setup_data(self) -> None:
+        a = self.args
+        if a.reward_fn and a.reward_model:
+            raise UserError("pass either --reward-fn or --reward-model, not both")
+        if a.batch_size % (a.num_minibatches * a.gradient_accumulation_steps):
+            raise UserError(f"--batch-size {a.batch_size} must be divisible by --num-minibatches x "
+                            f"--gradient-accumulation-steps ({a.num_minibatches} x {a.gradient_accumulation_steps})")
+        if not 1 <= a.max_prompt_length <= a.max_length - a.max_new_tokens:
+            raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length - "
+                            f"--max-new-tokens = {a.max_length - a.max_new_tokens}]")
+        self.reward_fn = self._load_reward_fn()
+        if a.dataset == BUILTIN_TASK:
+            train_rows, eval_rows = arithmetic_rows(False), arithmetic_rows(True)
+        else:
+            train_rows = read_rows(a.dataset)
+            eval_rows = read_rows(a.eval_dataset, split="test") if a.eval_dataset else train_rows[:a.eval_size]
+        self.train_data, self.eval_data = self._tokenize(train_rows), self._tokenize(eval_rows)
+        # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
+        torch.manual_seed(a.seed + 1000 * self.dist.rank)
+
+    def _load_reward_fn(self):
+        a = self.args
+        if a.reward_model:
+            return None
+        if not a.reward_fn:
+            if a.dataset != BUILTIN_TASK:
+                raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
+            return arithmetic_reward
+        module, _, name = a.reward_fn.partition(":")
+        try:
+            sys.path.insert(0, os.getcwd())
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--reward-fn {a.reward_fn}: cannot import ({e})") from None
+        if not callable(fn):
+            raise UserError(f"--reward-fn {a.reward_fn}: not callable")
+        return fn
+
+    def _tokenize(self, rows: list[tuple[str, dict]]) -> list[dict]:
+        out = []
+        for loc, row in rows:
+            check_text(loc, "prompt", row.get("prompt"))
+            ids = encode_prompt(self.tokenizer, row["prompt"])[-self.args.max_prompt_length:]
+            out.append({"loc": loc, "prompt_ids": ids, "prompt": row["prompt"],
+                        "fields": {k: v for k, v in row.items() if k != "prompt"}})
+        return out
+
+    def make_batch(self, examples: list[dict]) -> Batch:
+        """Left-padded prompts (generation continues from the right edge)."""
+        width = max(len(e["prompt_ids"]) for e in examples)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e["prompt_ids"])) + e["prompt_ids"] for e in examples])
+        mask = torch.tensor([[0] * (width - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in examples])
+        return Batch({"input_ids": ids, "attention_mask": mask}, len(examples), int(mask.sum()),
+                     row_ids=[e["loc"] for e in examples])
+
+    def compute_loss(self, model, batch):  # PPO's loss needs rollouts: see training_step / ppo_loss
+        raise NotImplementedError
+
+    # --- one iteration ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (prompt batch, responses [B, L] padded after the first EOS, response mask [B, L], has_eos [B])."""
+        a, tok = self.args, self.tokenizer
+        prompts = self.make_batch(examples).to(self.device)
+        policy = self.model.policy
+        policy.eval()  # N+ detail: no dropout while sampling
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": a.temperature,
+                                                        "top_p": a.top_p, "top_k": 0}
+        with self.autocast():
+            out = policy.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                                  max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, **sampling)
+        responses = out[:, prompts["input_ids"].shape[1]:]
+        responses, mask, has_eos = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+        return prompts, responses, mask, has_eos
+
+    def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:
+        if self.reward_model is not None:
+            ids = torch.cat([prompts["input_ids"], responses], 1)
+            attn = torch.cat([prompts["attention_mask"], mask.long()], 1)
+            with self.autocast():
+                return reward_model_scores(self.reward_model, ids, attn)
+        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS
+        fields = {k: [e["fields"][k] for e in examples] for k in examples[0]["fields"]}
+        scores = self.reward_fn([e["prompt"] for e in examples], completions, **fields)
+        if not isinstance(scores, (list, tuple, torch.Tensor)) or len(scores) != len(examples):
+            raise UserError(f"--reward-fn {self.args.reward_fn or 'arithmetic'}: returned "
+                            f"{type(scores).__name__} of length {len(scores) if hasattr(scores, '__len__') else '?'}, "
+                            f"expected a list of {len(examples)} floats")
+        scores = torch.as_tensor([float(s) for s in scores], device=self.device)
+        if not torch.isfinite(scores).all():
+            bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
+            raise UserError(f"--reward-fn {self.args.reward_fn}: returned a non-finite score for rows {bad[:8]}")
+        return scores
+
+    def forward_batch(self, prompts: Batch, responses, mask) -> dict[str, torch.Tensor]:
+        """Full-sequence tensors for a policy/critic forward; position ids from the attention mask (left padding)."""
+        input_ids = torch.cat([prompts["input_ids"], responses], 1)
+        attention_mask = torch.cat([prompts["attention_mask"], mask.long()], 1)
+        keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+        keep[:, prompts["input_ids"].shape[1] - 1:-1] = mask.bool()  # position t predicts response token t + 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "keep": keep, "response_mask": mask,
+                "responses": responses, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+
+    def logps_and_values(self, model, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] log-probs of the responses (logits / temperature, N+ detail) and values; 0 where mask is 0."""
+        logits, values = model(t["input_ids"], t["attention_mask"], t["position_ids"], t["keep"])
+        mask = t["response_mask"].bool()
+        flat = label_logps(logits / self.args.temperature, t["responses"][mask])
+        logps = torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
+        return logps, torch.zeros_like(logps).masked_scatter(mask, values.float())
+
+    @torch.no_grad()
+    def rollout(self) -> tuple[dict[str, torch.Tensor], dict[str, float], list]:
+        """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
+        a = self.args
+        examples = [self.train_data[i] for i in self.sampler.next_indices()]
+        prompts, responses, mask, has_eos = self.generate(examples, greedy=False)
+        scores = self.score(examples, prompts, responses, mask)
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * (~has_eos).float()
+        t = self.forward_batch(prompts, responses, mask)
+        self.model.eval()
+        with self.autocast():
+            logps, values = self.logps_and_values(self.model, t)
+            ref_logits = self.ref_policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                                         position_ids=t["position_ids"], logits_to_keep=t["keep"]).logits
+        ref_logps = torch.zeros_like(logps).masked_scatter(
+            mask.bool(), label_logps(ref_logits / a.temperature, responses[mask.bool()]))
+        rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+        t |= {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
+        var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        resid = returns - values
+        metrics = {
+            "objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-logps * mask).sum(1).mean(),  # sample estimate of the sequence entropy (as TRL)
+            "objective/non_score_reward": non_score.sum(1).mean(),
+            "objective/rlhf_reward": scores.mean() + non_score.sum(1).mean(),
+            "val/num_eos_tokens": has_eos.float().sum(),
+            "val/explained_variance": 1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var_returns,
+            "response_length": mask.sum(1).mean(),
+        }
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
+                    "response": r, "score": s}
+                   for e, r, s in zip(examples[:3], texts, scores.tolist())]
+        return t, {k: float(v) for k, v in metrics.items()}, samples
+
+    def ppo_loss(self, model, batch: Batch) -> LossOutput:
+        a, t = self.args, batch.tensors
+        logps, values = self.logps_and_values(model, t)
+        mask = t["response_mask"]
+        pg_loss, pg_clipfrac, approxkl, ratio = policy_loss(logps, t["old_logps"], t["advantages"], mask, a.cliprange)
+        vf_loss, vf_clipfrac = value_loss(values, t["old_values"], t["returns"], mask, a.cliprange_value)
+        ratio_mean = masked_mean(ratio, mask).detach()
+        return LossOutput(pg_loss + a.vf_coef * vf_loss, {
+            "policy/approxkl_avg": approxkl.detach(), "policy/clipfrac_avg": pg_clipfrac,
+            "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac,
+            "val/ratio": ratio_mean, "val/ratio_var": masked_mean((ratio.detach() - ratio_mean) ** 2, mask)})
+
+    def training_step(self) -> StepOutput:
+        a = self.args
+        t, metrics, self._samples = self.rollout()
+        n = len(t["responses"])
+        mb_size = n // a.num_minibatches
+        micro = mb_size // a.gradient_accumulation_steps
+        window, grad_norms = MetricWindow(), []
+        for _ in range(a.ppo_epochs):
+            perm = torch.randperm(n, device=self.device)
+            for m in range(a.num_minibatches):
+                idx = perm[m * mb_size:(m + 1) * mb_size]
+                batches = (Batch({k: v[idx[j:j + micro]] for k, v in t.items()}, micro, 0)
+                           for j in range(0, mb_size, micro))
+                w, norm = self.optimizer_step(batches, a.gradient_accumulation_steps, self.ppo_loss)
+                window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
+                grad_norms.append(norm)
+        self.scheduler.step()  # the LR horizon counts iterations
+        self.global_step += 1
+        metrics |= {k: v / window.weight for k, v in window.sums.items()}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return StepOutput(metrics, n, int(t["attention_mask"].sum()))
+
+    def on_step_end(self, out: StepOutput) -> None:
+        if self.global_step % self.args.log_every == 0 and self.dist.is_main:
+            for s in self._samples:
+                self._write(f"  sample: {s['prompt']!r} -> {s['response']!r} (score {s['score']:.2f})")
+            self.log({"samples": self._samples}, "train")
+            if self.wandb is not None:
+                import wandb
+                table = wandb.Table(columns=["prompt", "response", "score"],
+                                    data=[[s["prompt"], s["response"], s["score"]] for s in self._samples])
+                self.wandb.log({"train/samples_table": table}, step=self.global_step)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy responses to the eval prompts, scored by the reward; on the built-in task the mean score is the
+        held-out greedy accuracy. Batches are split across ranks like training batches."""
+        window = MetricWindow()
+        gb = self.args.batch_size * self.dist.world_size
+        for s in range(0, len(self.eval_data), gb):
+            mine = self.eval_data[s:s + gb][self.dist.rank::self.dist.world_size]
+            examples = mine or self.eval_data[:1]
+            prompts, responses, mask, _ = self.generate(examples, greedy=True)
+            scores = self.score(examples, prompts, responses, mask)
+            window.add({"scores": scores.mean(), "response_length": mask.sum(1).mean()}, len(mine))
+        metrics = window.reduce(self.device)
+        metrics.pop("tokens_per_s", None), metrics.pop("samples_per_s", None)
+        if self.args.dataset == BUILTIN_TASK:
+            metrics["greedy_accuracy"] = metrics["scores"]
+        return metrics
+
+
+def arithmetic_rows(held_out: bool) -> list[tuple[str, dict]]:
+    return [(f"arithmetic:{a}+{b}", {"prompt": arithmetic_prompt(a, b), "answer": a + b})
+            for a, b in arithmetic_questions(held_out)]
+
+
+def main(args: Args | None = None) -> PPOTrainer:
+    args = args or tyro.cli(Args)
+    trainer = PPOTrainer(args)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)

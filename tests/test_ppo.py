@@ -1,0 +1,219 @@
+"""PPO: closed-form math against plain loops, masking, reward-model pooling, resume, bad input, smoke runs."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import UserError
+from conftest import ROOT, build_model, build_tokenizer, read_metrics
+from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
+                 reward_model_scores, shape_rewards, truncate_after_eos, value_loss)
+
+REWARD_MODULE = '''
+def count_a(prompts, completions, **fields):
+    return [c.count("a") / 4 + 0.1 * len(fields["topic"][i]) for i, c in enumerate(completions)]
+def nan(prompts, completions, **fields):
+    return [float("nan")] * len(completions)
+def short(prompts, completions, **fields):
+    return [1.0]
+'''
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ppo")
+    (d / "my_rewards.py").write_text(REWARD_MODULE)
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(24):
+            prompt = f"say a {i}" if i % 2 else [{"role": "user", "content": f"say b {i}"}]
+            f.write(json.dumps({"prompt": prompt, "topic": "x" * (i % 3)}) + "\n")
+    return d
+
+
+def _args(tiny_model_dir, prompt_file, out, **kw):
+    base = dict(model=tiny_model_dir, dataset=str(prompt_file / "prompts.jsonl"), reward_fn="my_rewards:count_a",
+                output_dir=str(out), precision="fp32", batch_size=4, total_steps=3, learning_rate=1e-3,
+                warmup_steps=0, log_every=1, eval_every=0, save_every=0, max_length=48, max_prompt_length=24,
+                max_new_tokens=6, eval_size=4, seed=5)
+    return Args(**(base | kw))
+
+
+def test_gae_matches_plain_python_loop():
+    torch.manual_seed(0)
+    B, L, gamma, lam = 3, 6, 0.9, 0.8
+    rewards, values = torch.randn(B, L), torch.randn(B, L)
+    lengths = [6, 4, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (L - n) for n in lengths])
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        expected = [0.0] * L
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            expected[t] = last
+        torch.testing.assert_close(adv[b], torch.tensor(expected))
+        torch.testing.assert_close(ret[b, :n], adv[b, :n] + values[b, :n])
+        assert (ret[b, n:] == 0).all()
+
+
+def test_masked_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    w = masked_whiten(x, mask)
+    expected = (valid - valid.mean()) / valid.std()  # unbiased, as torch.std
+    torch.testing.assert_close(w[mask.bool()], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False)[mask.bool()], expected + valid.mean(),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_policy_loss_clips_high_and_low_ratios():
+    mask = torch.ones(1, 4)
+    old = torch.zeros(1, 4)
+    # ratios 1.5 and 0.5 with positive / negative advantages; eps = 0.2
+    new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, clipfrac, approxkl, ratio = policy_loss(new, old, adv, mask, 0.2)
+    # per token max(-A r, -A clip(r)): [-1.2, 1.5, -0.5, 0.8]
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
+    assert clipfrac.item() == pytest.approx(0.5)  # tokens 0 and 3 are clipped
+    loss.backward()
+    grad = new.grad[0]
+    assert grad[0] == 0 and grad[3] == 0  # clipped: no gradient pushes further
+    assert grad[1] != 0 and grad[2] != 0
+    assert approxkl.item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
+
+
+def test_value_loss_clipping():
+    mask = torch.ones(1, 3)
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1, -1.0]])
+    ret = torch.tensor([[2.0, 0.0, 1.0]])
+    loss, clipfrac = value_loss(new, old, ret, mask, 0.2)
+    # clipped preds [0.2, 0.1, -0.2]; errors max((v-R)^2, (vc-R)^2) = [max(1, 3.24), max(.01, .01), max(4, 1.44)]
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01 + 4.0) / 3)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+
+
+def test_kl_estimators_are_unbiased_and_k3_nonnegative():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    true_kl = (p * (p / q).log()).sum()
+    for est in KLEstimator:
+        per = kl_penalty(p.log(), q.log(), est)
+        assert (p * per).sum().item() == pytest.approx(true_kl.item(), rel=1e-5)  # E_{x~p}[k] = KL(p||q)
+    assert (kl_penalty(p.log(), q.log(), KLEstimator.k3) >= 0).all()
+    assert (kl_penalty(p.log(), q.log(), KLEstimator.k1) < 0).any()
+
+
+def test_truncate_after_eos_and_reward_at_last_valid_token():
+    eos, pad = 9, 9
+    resp = torch.tensor([[5, 6, 9, 7, 8], [1, 2, 3, 4, 5], [9, 3, 9, 3, 3]])
+    out, mask, has_eos = truncate_after_eos(resp, eos, pad)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert out.tolist() == [[5, 6, 9, 9, 9], [1, 2, 3, 4, 5], [9, 9, 9, 9, 9]]
+    assert has_eos.tolist() == [True, False, True]
+    logps, ref = torch.full((3, 5), -1.0), torch.full((3, 5), -1.5)
+    rewards, kl, non_score = shape_rewards(torch.tensor([1.0, 2.0, 3.0]), logps, ref, mask, 0.1, KLEstimator.k1)
+    expected = -0.1 * 0.5 * mask
+    expected[0, 2] += 1.0
+    expected[1, 4] += 2.0
+    expected[2, 0] += 3.0
+    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(kl, 0.5 * mask)
+
+
+def test_reward_model_scores_last_non_pad_token_left_and_right_padding():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                    num_labels=1, pad_token_id=7)).eval()
+    seqs = [[3, 4, 7, 5], [8, 7, 2]]  # contain the pad id (= EOS for SmolLM2) inside: masks must come from lengths
+    single = torch.stack([reward_model_scores(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+                          for s in seqs])
+    left = torch.tensor([[3, 4, 7, 5], [7, 8, 7, 2]])
+    left_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    right = torch.tensor([[3, 4, 7, 5], [8, 7, 2, 7]])
+    right_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    torch.testing.assert_close(reward_model_scores(rm, left, left_mask), single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reward_model_scores(rm, right, right_mask), single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("critic", ["value_head", "separate"])
+def test_resume_continues_exactly(tiny_model_dir, prompt_file, tmp_path, monkeypatch, critic):
+    monkeypatch.syspath_prepend(str(prompt_file))
+    kw = dict(total_steps=4, save_every=2, keep_checkpoints=5, critic=critic)
+    full = main(_args(tiny_model_dir, prompt_file, tmp_path / "full", **kw))
+    ref = {m["step"]: m for m in read_metrics(full.output_dir) if "train/loss/policy_avg" in m}
+    part = tmp_path / "part"
+    shutil.copytree(full.output_dir, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000004")
+    shutil.rmtree(part / "final")
+    resumed = main(_args(tiny_model_dir, prompt_file, part, resume=True, **kw))
+    got = {m["step"]: m for m in read_metrics(part) if "train/loss/policy_avg" in m}
+    for s in (3, 4):
+        for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "grad_norm"):
+            assert got[s][f"train/{k}"] == pytest.approx(ref[s][f"train/{k}"], rel=1e-5, abs=1e-7), (s, k)
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, full.model.state_dict()[k])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"reward_fn": "my_rewards:nan"}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
+    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list of 4"),
+    ({"reward_fn": "no_such_module:f"}, r"--reward-fn no_such_module:f: cannot import"),
+    ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--model /nonexistent/rm: no such directory"),
+    ({"batch_size": 3, "num_minibatches": 2}, r"--batch-size 3 must be divisible"),
+])
+def test_bad_reward_and_flags(tiny_model_dir, prompt_file, tmp_path, monkeypatch, kw, match):
+    monkeypatch.syspath_prepend(str(prompt_file))
+    with pytest.raises(UserError, match=match):
+        main(_args(tiny_model_dir, prompt_file, tmp_path, total_steps=1, **kw))
+
+
+ENV = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
+    """1 process with a separate critic, then 2 gloo ranks with the value head: weights move, metrics are written."""
+    env = ENV | {"PYTHONPATH": str(prompt_file)}
+    flags = [f"--model={tiny_model_dir}", f"--dataset={prompt_file / 'prompts.jsonl'}",
+             "--reward-fn=my_rewards:count_a", "--precision=fp32", "--batch-size=4", "--total-steps=3",
+             "--learning-rate=1e-3", "--log-every=1", "--eval-every=0", "--save-every=1", "--keep-checkpoints=5",
+             "--max-length=48", "--max-prompt-length=24", "--max-new-tokens=6", "--eval-size=4"]
+    runs = {"single": [sys.executable, "ppo.py", "--critic=separate"],
+            "ddp": ["torchrun", "--nproc_per_node=2", "--master_port=29533", "ppo.py", "--critic=value_head"]}
+    for name, cmd in runs.items():
+        out = tmp_path / name
+        r = subprocess.run(cmd + flags + [f"--output-dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        metrics = read_metrics(out)
+        train = [m for m in metrics if "train/objective/scores" in m]
+        assert [m["step"] for m in train] == [1, 2, 3]
+        for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                    "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "val/explained_variance",
+                    "response_length", "episodes_per_s", "tokens_per_s", "grad_norm", "lr"):
+            assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+        assert train[0]["train/objective/kl"] == 0  # policy == reference when the first rollout is sampled
+        assert any("train/samples" in m for m in metrics)
+        first = torch.load(out / "checkpoints" / "step_00000001" / "model.pt", weights_only=True)
+        last = torch.load(out / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+        moved = lambda prefix: any(not torch.equal(first[k], last[k]) for k in first if k.startswith(prefix))  # noqa
+        assert moved("policy.") and moved("value_head.")
+        if name == "single":
+            assert moved("critic_backbone.")
+        from transformers import AutoModelForCausalLM
+        exported = AutoModelForCausalLM.from_pretrained(out / "final")
+        for k, v in exported.state_dict().items():
+            torch.testing.assert_close(v, last[f"policy.{k}"])

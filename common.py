@@ -80,6 +80,8 @@ class TrainArgs:
     """bf16 = autocast with fp32 master weights (pays off on CPUs with bf16 matmuls too); fp32 = exact"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp replicates the model; fsdp shards parameters, gradients and optimizer state (FSDP2)"""
     log_every: int = 10
     """steps between log lines / metrics.jsonl records"""
     eval_every: int = 50
@@ -115,7 +117,7 @@ class DistInfo:
 
 
 def setup_distributed() -> DistInfo:
-    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK); without it, run as a single process. nccl on CUDA, gloo on CPU."""
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK), else a single process. nccl on CUDA, gloo on CPU."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
@@ -420,11 +422,14 @@ def arithmetic_reward(prompts: list, completions: list[str], answer: list[int], 
 
 @torch.no_grad()
 def greedy_accuracy(model: nn.Module, tok, questions: list[tuple[int, int]], autocast, dist_info: DistInfo,
-                    batch_size: int = 32, max_new_tokens: int = 8) -> tuple[float, list[str]]:
-    """Greedy replies to held-out questions, scored by first integer; questions sharded over ranks, counts summed."""
+                    synced: bool = False, batch_size: int = 32, max_new_tokens: int = 8) -> tuple[float, list[str]]:
+    """Greedy replies to held-out questions, scored by first integer; questions sharded over ranks, counts summed.
+    synced (FSDP): every rank runs the same number of batches and decoding steps, since each forward is collective."""
     was_training = model.training
     model.eval()
     mine = questions[dist_info.rank::dist_info.world_size]
+    n_real, per_rank = len(mine), -(-len(questions) // dist_info.world_size)
+    mine = mine + questions[:1] * (per_rank - len(mine))  # padding: generated, never counted
     correct, replies = 0, []
     side, tok.padding_side = tok.padding_side, "left"  # generation continues from the right edge
     for s in range(0, len(mine), batch_size):
@@ -434,13 +439,14 @@ def greedy_accuracy(model: nn.Module, tok, questions: list[tuple[int, int]], aut
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dist_info.device)
         with autocast():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-        for (a, b), reply in zip(qs, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
-            correct += first_integer(reply) == a + b
-            replies.append(f"{a} + {b} -> {reply.strip()!r}")
+                                 eos_token_id=tok.eos_token_id, synced_gpus=synced)
+        for j, reply in enumerate(tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            (a, b), real = qs[j], s + j < n_real
+            correct += real and first_integer(reply) == a + b
+            replies += [f"{a} + {b} -> {reply.strip()!r}"] * real
     tok.padding_side = side
     model.train(was_training)
-    counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=dist_info.device)
+    counts = torch.tensor([correct, n_real], dtype=torch.float64, device=dist_info.device)
     if dist.is_initialized():
         dist.all_reduce(counts)
     return (counts[0] / counts[1].clamp(min=1)).item(), replies
@@ -538,13 +544,13 @@ class BaseTrainer(ABC):
         self.setup_data()
         self.sampler = ShardedSampler(len(self.train_data), args.batch_size, self.dist.rank, self.dist.world_size,
                                       args.seed)
+        self.wrapped = self.wrap_model(self.model)  # before the optimizer: FSDP2 swaps parameters for DTensors
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.global_step = 0
         self.wandb, self.wandb_id = None, None
         if args.resume:
             self.load_checkpoint()
-        self.wrapped = self.wrap_model(self.model)
 
     # --- what varies ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -571,18 +577,58 @@ class BaseTrainer(ABC):
         """The HF model inside self.model: exported to output_dir/final (PPO: the policy without its critic)."""
         return self.model
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Objects with state_dict/load_state_dict saved and restored with the run (PPO adds its critic)."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
-
     # --- shared machinery -------------------------------------------------------------------------------------------
+    @property
+    def fsdp(self) -> bool:
+        return self.args.strategy == "fsdp" and dist.is_initialized()
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        # the seam for other strategies (FSDP2); DDP without buffer broadcasts so eval forwards need no collectives
+        """DDP (without buffer broadcasts, so eval forwards need no collectives) or FSDP2 in place; the model used for
+        training. Under FSDP every forward is a collective: all ranks must run the same number of them."""
+        if self.fsdp:
+            return self.shard(model)
         if self.dist.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    broadcast_buffers=False)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: each decoder layer, then each HF model inside (so `policy.generate` works on its own), then the
+        root. A no-op without --strategy fsdp; also used for frozen reference models."""
+        if not self.fsdp:
+            return model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))  # a CPU mesh on gloo
+        mp = None
+        if self.args.precision == "bf16" and self.device.type == "cuda":  # bf16 compute/all-gather, fp32 reduce
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
+        layer_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+        for m in model.modules():
+            if type(m).__name__ in layer_names:
+                fully_shard(m, **kw)
+        from transformers import PreTrainedModel
+        for m in model.modules():
+            if isinstance(m, PreTrainedModel) and m is not model:
+                fully_shard(m, **kw)
+        return fully_shard(model, **kw)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the last of its step."""
+        if hasattr(self.wrapped, "no_sync"):
+            with self.wrapped.no_sync():
+                yield
+        elif self.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -618,15 +664,16 @@ class BaseTrainer(ABC):
         self.model.train()
         window = MetricWindow()
         for i, batch in enumerate(batches):
-            # DDP all-reduces gradients on every backward unless told not to: only the last micro-batch syncs
-            sync = i == n - 1 or not hasattr(self.wrapped, "no_sync")
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+            # gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-batch
+            with contextlib.nullcontext() if i == n - 1 else self.no_sync():
                 with self.autocast():
                     out = loss_fn(self.wrapped, batch)
                 (out.loss / n).backward()
             window.add(out.metrics, batch.num_samples, batch.num_tokens)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         # the norm of all-reduced gradients is identical on every rank, so all ranks stop together, before the
         # update: weights and the last checkpoint stay good
         if not torch.isfinite(grad_norm):
@@ -756,18 +803,25 @@ class BaseTrainer(ABC):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, tmp / f"rng_rank{self.dist.rank}.pt")
+        # model + optimizer through torch.distributed.checkpoint: each rank writes its shard (FSDP) and the files
+        # reshard on load, so a run resumes on another world size or strategy
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / "dcp",
+                 no_dist=not dist.is_initialized())
         if self.dist.is_main:
-            for name, obj in self.checkpoint_state().items():  # DDP: replicated, rank 0 writes
-                torch.save(obj.state_dict(), tmp / f"{name}.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                      "world_size": self.dist.world_size, "wandb_id": self.wandb_id,
                      "args": dataclasses.asdict(self.args)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         barrier()
         if self.dist.is_main:
-            for f in tmp.iterdir():  # durable before the marker claims completeness
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            for f in tmp.rglob("*"):  # durable before the marker claims completeness
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
             (tmp / "COMPLETE").write_text(str(self.global_step))
             if final.exists():
                 shutil.rmtree(final)
@@ -784,8 +838,13 @@ class BaseTrainer(ABC):
             print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
             self._rollback_metrics()
             return
-        for name, obj in self.checkpoint_state().items():
-            obj.load_state_dict(torch.load(ckpt / f"{name}.pt", map_location=self.device, weights_only=True))
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=not dist.is_initialized())
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
         self.wandb_id = state.get("wandb_id")
@@ -813,10 +872,17 @@ class BaseTrainer(ABC):
             metrics.write_text("".join(kept))
 
     def export(self) -> None:
-        """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final)."""
+        """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final).
+        The full state dict is gathered once (a collective under FSDP) and written by rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.dist.is_main:
+            hf = self.hf_model()
+            prefix = next(n for n, m in self.model.named_modules() if m is hf)
+            prefix = prefix + "." if prefix else ""
+            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             final = self.output_dir / "final"
-            self.hf_model().save_pretrained(final, safe_serialization=True)
+            hf.save_pretrained(final, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
             self._write(f"exported {final}")
         barrier()

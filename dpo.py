@@ -161,7 +161,7 @@ class DPOTrainer(BaseTrainer):
         return model
 
     def setup_data(self) -> None:
-        a, tok = self.args, self.tokenizer
+        a, _tok = self.args, self.tokenizer
         if a.beta <= 0:
             raise UserError(f"--beta {a.beta}: must be > 0")
         if not 0 <= a.label_smoothing < 0.5:
@@ -189,6 +189,8 @@ class DPOTrainer(BaseTrainer):
         for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
             if not data:
                 raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        if self.ref_model is not None:
+            self.ref_model = self.shard(self.ref_model)  # FSDP: sharded like the policy, never given gradients
         if self.args.precompute_ref_logps and self.ref_model is not None:
             self._precompute_reference()
 
@@ -253,7 +255,7 @@ class DPOTrainer(BaseTrainer):
         metrics = super().evaluate()
         if self.args.dataset == BUILTIN_TASK:
             acc, replies = greedy_accuracy(self.model, self.tokenizer, arithmetic_questions(held_out=True),
-                                           self.autocast, self.dist)
+                                           self.autocast, self.dist, synced=self.fsdp)
             metrics["greedy_accuracy"] = acc
             print0("  sample replies: " + "; ".join(replies[:4]))
         return metrics

@@ -26,7 +26,7 @@ from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
                     arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
-                    label_logps, load_model, print0, read_rows, run_main)
+                    label_logps, load_model, read_rows, run_main)
 
 
 class CriticType(StrEnum):
@@ -80,7 +80,7 @@ class Args(TrainArgs):
     """prompts per device per rollout"""
     learning_rate: float = 1e-5
     """peak AdamW learning rate (policy and critic)"""
-    total_steps: int = 40
+    total_steps: int = 30
     """iterations (rollout + updates); 0 = run only the step-0 eval"""
     log_every: int = 5
     """iterations between log lines / metrics.jsonl records"""
@@ -155,7 +155,7 @@ def policy_loss(logps, old_logps, advantages, mask, cliprange):
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value):
-    """Clipped value loss (N+ / OpenAI lm-human-preferences): 0.5 max((v - R)^2, (clip(v) - R)^2). -> (loss, clipfrac)."""
+    """Clipped value loss (N+; OpenAI lm-human-preferences): 0.5 max((v - R)^2, (clip(v) - R)^2) -> (loss, clipfrac)."""
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped_err, clipped_err), mask)
@@ -263,6 +263,7 @@ class PPOTrainer(BaseTrainer):
             raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length - "
                             f"--max-new-tokens = {a.max_length - a.max_new_tokens}]")
         self.reward_fn = self._load_reward_fn()
+        self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
         if a.dataset == BUILTIN_TASK:
             train_rows, eval_rows = arithmetic_rows(False), arithmetic_rows(True)
         else:
@@ -324,7 +325,7 @@ class PPOTrainer(BaseTrainer):
         with self.autocast():
             out = policy.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
                                   max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, **sampling)
+                                  eos_token_id=tok.eos_token_id, synced_gpus=self.fsdp, **sampling)
         responses = out[:, prompts["input_ids"].shape[1]:]
         responses, mask, has_eos = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
         return prompts, responses, mask, has_eos

@@ -69,3 +69,12 @@ def pairs_file(tmp_path_factory):
 
 def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def checkpoint_weights(ckpt_dir) -> dict:
+    """The model state dict of a (DCP) checkpoint directory, as plain tensors."""
+    import tempfile
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(Path(ckpt_dir) / "dcp", Path(d) / "ckpt.pt")
+        return torch.load(Path(d) / "ckpt.pt", weights_only=True)["model"]

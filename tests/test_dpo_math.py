@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common import encode_completion, label_logps
 from conftest import build_model, build_tokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import UserError
-from conftest import read_metrics, write_pairs
+from conftest import checkpoint_weights, read_metrics
 from dpo import Args, DPOTrainer, main
 
 
@@ -180,7 +180,7 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
     t.compute_loss = poisoned
     with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 3 \(rows \[.*pairs\.jsonl:\d+"):
         t.train()
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    saved = checkpoint_weights(tmp_path / "checkpoints" / "step_00000002")
     for k, v in t.model.state_dict().items():  # not updated by the bad step
         torch.testing.assert_close(v, saved[k])
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common import UserError
-from conftest import ROOT, build_model, build_tokenizer, read_metrics
-from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
+from conftest import ROOT, checkpoint_weights, read_metrics
+from ppo import (Args, KLEstimator, gae, kl_penalty, main, masked_whiten, policy_loss,
                  reward_model_scores, shape_rewards, truncate_after_eos, value_loss)
 
 REWARD_MODULE = '''
@@ -168,7 +168,8 @@ def test_resume_continues_exactly(tiny_model_dir, prompt_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize("kw,match", [
     ({"reward_fn": "my_rewards:nan"}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
-    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list of 4"),
+    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list of 4"
+     ),
     ({"reward_fn": "no_such_module:f"}, r"--reward-fn no_such_module:f: cannot import"),
     ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--model /nonexistent/rm: no such directory"),
     ({"batch_size": 3, "num_minibatches": 2}, r"--batch-size 3 must be divisible"),
@@ -207,8 +208,8 @@ def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
             assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
         assert train[0]["train/objective/kl"] == 0  # policy == reference when the first rollout is sampled
         assert any("train/samples" in m for m in metrics)
-        first = torch.load(out / "checkpoints" / "step_00000001" / "model.pt", weights_only=True)
-        last = torch.load(out / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+        first = checkpoint_weights(out / "checkpoints" / "step_00000001")
+        last = checkpoint_weights(out / "checkpoints" / "step_00000003")
         moved = lambda prefix: any(not torch.equal(first[k], last[k]) for k in first if k.startswith(prefix))  # noqa
         assert moved("policy.") and moved("value_head.")
         if name == "single":

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -90,6 +91,8 @@ class TrainArgs:
     """steps between checkpoints (0 = only at the end)"""
     keep_checkpoints: int = 2
     """newest complete checkpoints to keep"""
+    skip_nonfinite_steps: int = 0
+    """tolerate this many updates with a non-finite loss/gradient norm (skipped, counted); one more stops the run"""
     resume: bool = False
     """continue from the newest complete checkpoint in --output-dir (start fresh, and say so, if there is none)"""
     trust_remote_code: bool = False
@@ -547,7 +550,7 @@ class BaseTrainer(ABC):
         self.wrapped = self.wrap_model(self.model)  # before the optimizer: FSDP2 swaps parameters for DTensors
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
-        self.global_step = 0
+        self.global_step = self.skipped_steps = 0
         self.wandb, self.wandb_id = None, None
         if args.resume:
             self.load_checkpoint()
@@ -656,6 +659,8 @@ class BaseTrainer(ABC):
         window, grad_norm = self.optimizer_step(batches, self.args.gradient_accumulation_steps, self.compute_loss)
         self.scheduler.step()
         self.global_step += 1
+        if window.weight == 0:  # a skipped non-finite step: nothing to average
+            return StepOutput({}, 0, 0)
         metrics = {k: v / window.weight for k, v in window.sums.items()} | {"grad_norm": grad_norm}
         return StepOutput(metrics, int(window.weight), int(window.tokens))
 
@@ -677,8 +682,15 @@ class BaseTrainer(ABC):
         # the norm of all-reduced gradients is identical on every rank, so all ranks stop together, before the
         # update: weights and the last checkpoint stay good
         if not torch.isfinite(grad_norm):
-            raise UserError(f"non-finite loss or gradient norm at step {self.global_step + 1} "
-                            f"(rows {batch.row_ids[:8]}); nothing was updated, the last checkpoint is intact")
+            self.skipped_steps += 1
+            where = f"at step {self.global_step + 1} (rows {batch.row_ids[:8]})"
+            if self.skipped_steps > self.args.skip_nonfinite_steps:
+                raise UserError(f"non-finite loss or gradient norm {where}; nothing was updated, the last checkpoint "
+                                f"is intact (--skip-nonfinite-steps tolerates a few)")
+            print0(f"warning: non-finite loss or gradient norm {where}: update skipped "
+                   f"({self.skipped_steps}/{self.args.skip_nonfinite_steps})")
+            self.optimizer.zero_grad(set_to_none=True)
+            return MetricWindow(), float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return window, grad_norm.item()
@@ -736,6 +748,11 @@ class BaseTrainer(ABC):
         self._pbar = tqdm(total=args.total_steps, initial=self.global_step, disable=not self.dist.is_main,
                           dynamic_ncols=True, desc=self.script_name)
         window = MetricWindow()
+        with self._catch_preemption():
+            self._train_loop(window, first)
+
+    def _train_loop(self, window: MetricWindow, first: dict | None) -> None:
+        args, last_eval = self.args, None
         while self.global_step < args.total_steps:
             out = self.training_step()
             window.add(out.metrics, out.num_samples, out.num_tokens)
@@ -752,8 +769,16 @@ class BaseTrainer(ABC):
             if (args.eval_every and self.global_step % args.eval_every == 0) or last:
                 last_eval = self.evaluate()
                 self.log(last_eval, "eval")
-            if (args.save_every and self.global_step % args.save_every == 0) or last:
+            saved = (args.save_every and self.global_step % args.save_every == 0) or last
+            if saved:
                 self.save_checkpoint()
+            if not last and self._preempted():
+                if not saved:
+                    self.save_checkpoint()
+                self._pbar.close()
+                print0(f"{self._signal or 'a signal on another rank'}: stopped after step {self.global_step} with a "
+                       f"checkpoint; relaunch the same command with --resume to continue")
+                return
             window = window or MetricWindow()  # started after eval/save: throughput counts training only
         self._pbar.close()
         self._pbar = None
@@ -764,6 +789,25 @@ class BaseTrainer(ABC):
             self.export()
         if self.wandb is not None:
             self.wandb.finish()
+
+    @contextlib.contextmanager
+    def _catch_preemption(self):
+        """SIGTERM / SIGUSR1 (cluster pre-emption; Slurm sends either) only set a flag: the step in flight finishes."""
+        self._signal = None
+        old = {sig: signal.signal(sig, lambda signum, _: setattr(self, "_signal", signal.Signals(signum).name))
+               for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _preempted(self) -> bool:
+        """Did any rank get SIGTERM/SIGUSR1? One tiny all-reduce per step, so all ranks stop after the same step."""
+        flag = torch.tensor([float(self._signal is not None)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # --- output dir, checkpoints, export ----------------------------------------------------------------------------
     def _resolve_output_dir(self) -> Path:
@@ -817,6 +861,8 @@ class BaseTrainer(ABC):
                      "args": dataclasses.asdict(self.args)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         barrier()
+        if os.environ.get("CLEANRL_RLHF_TEST_SAVE_DELAY"):  # test hook: widen the window for a kill mid-save
+            time.sleep(float(os.environ["CLEANRL_RLHF_TEST_SAVE_DELAY"]))
         if self.dist.is_main:
             for f in tmp.rglob("*"):  # durable before the marker claims completeness
                 if f.is_file():

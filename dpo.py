@@ -210,14 +210,24 @@ class DPOTrainer(BaseTrainer):
 
     @torch.no_grad()
     def _precompute_reference(self) -> None:
-        # one pass of the frozen reference over all rows, then it is freed: training runs only the policy
+        """One pass of the frozen reference over all rows, split across ranks (each runs the same number of forwards,
+        as FSDP needs), results shared with all; then the reference is freed: training runs the policy alone."""
+        rank, world, bs = self.dist.rank, self.dist.world_size, self.args.batch_size
         for data in (self.train_data, self.eval_data):
-            for s in range(0, len(data), self.args.batch_size):
-                chunk = data[s:s + self.args.batch_size]
+            mine, found = list(range(rank, len(data), world)), {}
+            for s in range(0, -(-len(data) // world), bs):
+                idx = mine[s:s + bs]
+                chunk = [data[i] for i in idx] or data[:1]  # an empty share still joins the collective forward
                 with self.autocast():
                     logps = sequence_logps(self.ref_model, self.make_batch(chunk).to(self.device)).cpu()
-                for j, ex in enumerate(chunk):
-                    ex["ref_logps"] = (logps[j].item(), logps[len(chunk) + j].item())
+                found |= {i: (logps[j].item(), logps[len(chunk) + j].item()) for j, i in enumerate(idx)}
+            shares = [found]
+            if world > 1:
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, found)
+            for share in shares:
+                for i, ref in share.items():
+                    data[i]["ref_logps"] = ref
         self.ref_model = None
 
     def make_batch(self, examples: list[dict]) -> Batch:

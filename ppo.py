@@ -432,12 +432,13 @@ class PPOTrainer(BaseTrainer):
                 batches = (Batch({k: v[idx[j:j + micro]] for k, v in t.items()}, micro, 0)
                            for j in range(0, mb_size, micro))
                 w, norm = self.optimizer_step(batches, a.gradient_accumulation_steps, self.ppo_loss)
-                window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
-                grad_norms.append(norm)
+                if w.weight:  # else a skipped non-finite update
+                    window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
+                    grad_norms.append(norm)
         self.scheduler.step()  # the LR horizon counts iterations
         self.global_step += 1
         metrics |= {k: v / window.weight for k, v in window.sums.items()}
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         return StepOutput(metrics, n, int(t["attention_mask"].sum()))
 
     def on_step_end(self, out: StepOutput) -> None:

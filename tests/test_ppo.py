@@ -185,14 +185,16 @@ ENV = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 @pytest.mark.slow
 def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
-    """1 process with a separate critic, then 2 gloo ranks with the value head: weights move, metrics are written."""
+    """1 process with a separate critic, 2 gloo ranks with the value head under DDP and under FSDP2: weights move,
+    metrics are written, the exported policy equals the checkpoint's."""
     env = ENV | {"PYTHONPATH": str(prompt_file)}
     flags = [f"--model={tiny_model_dir}", f"--dataset={prompt_file / 'prompts.jsonl'}",
              "--reward-fn=my_rewards:count_a", "--precision=fp32", "--batch-size=4", "--total-steps=3",
              "--learning-rate=1e-3", "--log-every=1", "--eval-every=0", "--save-every=1", "--keep-checkpoints=5",
              "--max-length=48", "--max-prompt-length=24", "--max-new-tokens=6", "--eval-size=4"]
     runs = {"single": [sys.executable, "ppo.py", "--critic=separate"],
-            "ddp": ["torchrun", "--nproc_per_node=2", "--master_port=29533", "ppo.py", "--critic=value_head"]}
+            "ddp": ["torchrun", "--nproc_per_node=2", "--master_port=29533", "ppo.py", "--critic=value_head"],
+            "fsdp": ["torchrun", "--nproc_per_node=2", "--master_port=29535", "ppo.py", "--strategy=fsdp"]}
     for name, cmd in runs.items():
         out = tmp_path / name
         r = subprocess.run(cmd + flags + [f"--output-dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,

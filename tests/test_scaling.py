@@ -19,7 +19,7 @@ def launch(out_pt, run_dir, model, data, nproc=1, port=29541, **kw):
     prefix = [sys.executable] if nproc == 1 else ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={port}"]
     r = subprocess.run(prefix + ["tests/parity_worker.py", str(out_pt)] + flags, cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, [line for line in r.stderr.splitlines() if "error" in line.lower()][:5] + [r.stderr[-2000:]]
+    assert r.returncode == 0, [ln for ln in r.stderr.splitlines() if "error" in ln.lower()][:5] + [r.stderr[-2000:]]
     return torch.load(out_pt)
 
 
@@ -30,7 +30,8 @@ def assert_same(a: dict, b: dict, what: str):
 
 
 def test_single_ddp_fsdp_parity_resume_and_export(tiny_model_dir, pairs_file, tmp_path):
-    common = dict(model=tiny_model_dir, data=pairs_file, gradient_accumulation_steps=2)
+    # precomputed reference log-probs: under DDP/FSDP each rank computes a share and all gather them
+    common = dict(model=tiny_model_dir, data=pairs_file, gradient_accumulation_steps=2, precompute_ref_logps=True)
     single = launch(tmp_path / "single.pt", tmp_path / "single", batch_size=4, **common)
     ddp = launch(tmp_path / "ddp.pt", tmp_path / "ddp", nproc=2, batch_size=2, strategy="ddp", **common)
     fsdp = launch(tmp_path / "fsdp.pt", tmp_path / "fsdp", nproc=2, batch_size=2, strategy="fsdp", **common)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -597,8 +598,9 @@ class BaseTrainer(ABC):
                    broadcast_buffers=False)
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2: each decoder layer, then each HF model inside (so `policy.generate` works on its own), then the
-        root. A no-op without --strategy fsdp; also used for frozen reference models."""
+        """FSDP2: each decoder layer, then the HF model as the root. A wrapper that is no HF model (PPO's ActorCritic)
+        gets one root per child instead, so `policy.generate` can run alone (a sub-unit can't be called before its
+        root). A no-op without --strategy fsdp; also used for frozen reference models."""
         if not self.fsdp:
             return model
         from torch.distributed.device_mesh import init_device_mesh
@@ -613,10 +615,11 @@ class BaseTrainer(ABC):
             if type(m).__name__ in layer_names:
                 fully_shard(m, **kw)
         from transformers import PreTrainedModel
-        for m in model.modules():
-            if isinstance(m, PreTrainedModel) and m is not model:
-                fully_shard(m, **kw)
-        return fully_shard(model, **kw)
+        if isinstance(model, PreTrainedModel):
+            return fully_shard(model, **kw)
+        for child in model.children():  # tied weights live inside one child, so they stay in one unit
+            fully_shard(child, **kw)
+        return model
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -625,11 +628,15 @@ class BaseTrainer(ABC):
             with self.wrapped.no_sync():
                 yield
         elif self.fsdp:
-            self.model.set_requires_gradient_sync(False)
+            from torch.distributed.fsdp import FSDPModule
+            units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+            for m in units:
+                m.set_requires_gradient_sync(False, recurse=False)
             try:
                 yield
             finally:
-                self.model.set_requires_gradient_sync(True)
+                for m in units:
+                    m.set_requires_gradient_sync(True, recurse=False)
         else:
             yield
 
@@ -748,8 +755,13 @@ class BaseTrainer(ABC):
         self._pbar = tqdm(total=args.total_steps, initial=self.global_step, disable=not self.dist.is_main,
                           dynamic_ncols=True, desc=self.script_name)
         window = MetricWindow()
-        with self._catch_preemption():
-            self._train_loop(window, first)
+        try:
+            with self._catch_preemption():
+                self._train_loop(window, first)
+        finally:
+            if self._pbar is not None:  # ends the bar's line, so an error message starts on its own
+                self._pbar.close()
+                self._pbar = None
 
     def _train_loop(self, window: MetricWindow, first: dict | None) -> None:
         args, last_eval = self.args, None
@@ -776,6 +788,7 @@ class BaseTrainer(ABC):
                 if not saved:
                     self.save_checkpoint()
                 self._pbar.close()
+                self._pbar = None
                 print0(f"{self._signal or 'a signal on another rank'}: stopped after step {self.global_step} with a "
                        f"checkpoint; relaunch the same command with --resume to continue")
                 return
@@ -852,8 +865,9 @@ class BaseTrainer(ABC):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / "dcp",
-                 no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # single process: DCP warns that it saves without a process group
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / "dcp")
         if self.dist.is_main:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
@@ -888,7 +902,9 @@ class BaseTrainer(ABC):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=ckpt / "dcp", no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=ckpt / "dcp")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -192,11 +192,18 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, keep):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = self.policy.base_model(**inputs).last_hidden_state
-        logits = self.policy.get_output_embeddings()(hidden[keep])  # [N_kept, V]
+        # the LM head's input is the final (normed) hidden state at the kept positions: catch it for the value head.
+        # Calling the policy itself (not its backbone) keeps FSDP's per-model hooks in charge of gathering weights.
+        caught = []
+        hook = self.policy.get_output_embeddings().register_forward_pre_hook(lambda m, args: caught.append(args[0]))
+        try:
+            logits = self.policy(**inputs, logits_to_keep=keep).logits  # [N_kept, V]
+        finally:
+            hook.remove()
+        hidden = caught[0]
         if self.critic_backbone is not None:
-            hidden = self.critic_backbone(**inputs).last_hidden_state
-        return logits, self.value_head(hidden[keep]).squeeze(-1)  # [N_kept, V], [N_kept]
+            hidden = self.critic_backbone(**inputs).last_hidden_state[keep]
+        return logits, self.value_head(hidden).squeeze(-1)  # [N_kept, V], [N_kept]
 
 
 def reward_head(model: nn.Module) -> nn.Module:

@@ -36,7 +36,7 @@ def build_model(vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                      tie_word_embeddings=True, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
                       bos_token_id=None)
     return LlamaForCausalLM(cfg)
 

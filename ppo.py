@@ -178,6 +178,26 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * positions).argmax(1)
 
 
+@dataclass
+class RolloutBuffer:
+    """One iteration's rollouts: sequences [B, T] (input_ids, attention_mask, position_ids, keep) and response-token
+    tensors [B, L] (responses, response_mask, old_logps, old_values, advantages, returns)."""
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.tensors["responses"])
+
+    def minibatches(self, num_minibatches: int, accumulation: int):
+        """A fresh shuffle per epoch; yields each minibatch as its list of equal micro-batches."""
+        n = len(self)
+        mb, micro = n // num_minibatches, n // num_minibatches // accumulation
+        perm = torch.randperm(n, device=self.tensors["responses"].device)
+        for m in range(num_minibatches):
+            idx = perm[m * mb:(m + 1) * mb]
+            yield [Batch({k: v[idx[j:j + micro]] for k, v in self.tensors.items()}, micro,
+                         int(self.tensors["response_mask"][idx[j:j + micro]].sum())) for j in range(0, mb, micro)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -374,7 +394,7 @@ class PPOTrainer(BaseTrainer):
         return logps, torch.zeros_like(logps).masked_scatter(mask, values.float())
 
     @torch.no_grad()
-    def rollout(self) -> tuple[dict[str, torch.Tensor], dict[str, float], list]:
+    def rollout(self) -> tuple[RolloutBuffer, dict[str, float], list]:
         """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
         a = self.args
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
@@ -411,7 +431,7 @@ class PPOTrainer(BaseTrainer):
         samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
                     "response": r, "score": s}
                    for e, r, s in zip(examples[:3], texts, scores.tolist())]
-        return t, {k: float(v) for k, v in metrics.items()}, samples
+        return RolloutBuffer(t), {k: float(v) for k, v in metrics.items()}, samples
 
     def ppo_loss(self, model, batch: Batch) -> LossOutput:
         a, t = self.args, batch.tensors
@@ -427,18 +447,11 @@ class PPOTrainer(BaseTrainer):
 
     def training_step(self) -> StepOutput:
         a = self.args
-        t, metrics, self._samples = self.rollout()
-        n = len(t["responses"])
-        mb_size = n // a.num_minibatches
-        micro = mb_size // a.gradient_accumulation_steps
+        buffer, metrics, self._samples = self.rollout()
         window, grad_norms = MetricWindow(), []
         for _ in range(a.ppo_epochs):
-            perm = torch.randperm(n, device=self.device)
-            for m in range(a.num_minibatches):
-                idx = perm[m * mb_size:(m + 1) * mb_size]
-                batches = (Batch({k: v[idx[j:j + micro]] for k, v in t.items()}, micro, 0)
-                           for j in range(0, mb_size, micro))
-                w, norm = self.optimizer_step(batches, a.gradient_accumulation_steps, self.ppo_loss)
+            for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps):
+                w, norm = self.optimizer_step(micro_batches, a.gradient_accumulation_steps, self.ppo_loss)
                 if w.weight:  # else a skipped non-finite update
                     window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
                     grad_norms.append(norm)
@@ -446,7 +459,7 @@ class PPOTrainer(BaseTrainer):
         self.global_step += 1
         metrics |= {k: v / window.weight for k, v in window.sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
-        return StepOutput(metrics, n, int(t["attention_mask"].sum()))
+        return StepOutput(metrics, len(buffer), int(buffer.tensors["attention_mask"].sum()))
 
     def on_step_end(self, out: StepOutput) -> None:
         if self.global_step % self.args.log_every == 0 and self.dist.is_main:

@@ -220,3 +220,17 @@ def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
         exported = AutoModelForCausalLM.from_pretrained(out / "final")
         for k, v in exported.state_dict().items():
             torch.testing.assert_close(v, last[f"policy.{k}"])
+
+
+def test_rollout_buffer_minibatches_cover_each_rollout_once_per_epoch():
+    from ppo import RolloutBuffer
+    n, L = 12, 3
+    buf = RolloutBuffer({"responses": torch.arange(n)[:, None].expand(n, L), "response_mask": torch.ones(n, L),
+                         "advantages": torch.arange(n, dtype=torch.float)[:, None].expand(n, L)})
+    seen = []
+    for micro_batches in buf.minibatches(num_minibatches=2, accumulation=3):
+        assert len(micro_batches) == 3 and all(b.num_samples == 2 and b.num_tokens == 2 * L for b in micro_batches)
+        for b in micro_batches:
+            assert (b["responses"][:, 0].float() == b["advantages"][:, 0]).all()  # rows stay aligned across keys
+            seen += b["responses"][:, 0].tolist()
+    assert sorted(seen) == list(range(n))

@@ -336,6 +336,20 @@ def read_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
     return rows
 
 
+def train_eval_rows(args: TrainArgs) -> tuple[list, list]:
+    """--dataset and --eval-dataset rows; without --eval-dataset, a fixed, seeded held-out slice of --dataset."""
+    rows = read_rows(args.dataset)
+    if args.eval_dataset:
+        return rows, read_rows(args.eval_dataset, split="test")
+    if len(rows) < 2:
+        raise UserError(f"{args.dataset}: needs at least 2 rows (one is held out for eval)")
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)  # independent of --seed: the held-out rows never change
+    n_eval = min(args.eval_size, max(1, len(rows) // 10))
+    print0(f"eval: {n_eval} rows held out of {args.dataset}")
+    return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
+
+
 def check_text(loc: str, key: str, value: Any, roles: tuple[str, ...] | None = None) -> None:
     """A field is a non-empty string or a non-empty list of {role, content} messages."""
     if isinstance(value, str):

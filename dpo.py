@@ -19,7 +19,7 @@ from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, TrainArgs, UserError, arithmetic_prompt,
                     arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, label_logps,
-                    print0, read_rows, run_main, supports_logits_to_keep)
+                    print0, run_main, supports_logits_to_keep, train_eval_rows)
 
 
 class LossType(StrEnum):
@@ -173,17 +173,7 @@ class DPOTrainer(BaseTrainer):
         if a.dataset == BUILTIN_TASK:
             train_rows, eval_rows = arithmetic_pairs(held_out=False), arithmetic_pairs(held_out=True)
         else:
-            train_rows = read_rows(a.dataset)
-            if a.eval_dataset:
-                eval_rows = read_rows(a.eval_dataset, split="test")
-            else:  # a fixed, seeded held-out slice of the training file
-                if len(train_rows) < 2:
-                    raise UserError(f"{a.dataset}: needs at least 2 rows (one is held out for eval)")
-                order = list(range(len(train_rows)))
-                random.Random(0).shuffle(order)
-                n_eval = min(a.eval_size, max(1, len(train_rows) // 10))
-                eval_rows = [train_rows[i] for i in sorted(order[:n_eval])]
-                train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
+            train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):

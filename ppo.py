@@ -26,7 +26,7 @@ from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
                     arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
-                    label_logps, load_model, read_rows, run_main)
+                    label_logps, load_model, run_main, train_eval_rows)
 
 
 class CriticType(StrEnum):
@@ -294,8 +294,7 @@ class PPOTrainer(BaseTrainer):
         if a.dataset == BUILTIN_TASK:
             train_rows, eval_rows = arithmetic_rows(False), arithmetic_rows(True)
         else:
-            train_rows = read_rows(a.dataset)
-            eval_rows = read_rows(a.eval_dataset, split="test") if a.eval_dataset else train_rows[:a.eval_size]
+            train_rows, eval_rows = train_eval_rows(a)
         self.train_data, self.eval_data = self._tokenize(train_rows), self._tokenize(eval_rows)
         # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
         torch.manual_seed(a.seed + 1000 * self.dist.rank)

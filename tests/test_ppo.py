@@ -168,7 +168,7 @@ def test_resume_continues_exactly(tiny_model_dir, prompt_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize("kw,match", [
     ({"reward_fn": "my_rewards:nan"}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
-    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list of 4"
+    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list of \d+"
      ),
     ({"reward_fn": "no_such_module:f"}, r"--reward-fn no_such_module:f: cannot import"),
     ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--model /nonexistent/rm: no such directory"),

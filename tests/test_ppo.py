@@ -192,14 +192,17 @@ def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
              "--reward-fn=my_rewards:count_a", "--precision=fp32", "--batch-size=4", "--total-steps=3",
              "--learning-rate=1e-3", "--log-every=1", "--eval-every=0", "--save-every=1", "--keep-checkpoints=5",
              "--max-length=48", "--max-prompt-length=24", "--max-new-tokens=6", "--eval-size=4"]
-    runs = {"single": [sys.executable, "ppo.py", "--critic=separate"],
+    runs = {"single": [sys.executable, "ppo.py", "--critic=separate", "--track"],  # wandb offline
             "ddp": ["torchrun", "--nproc_per_node=2", "--master_port=29533", "ppo.py", "--critic=value_head"],
             "fsdp": ["torchrun", "--nproc_per_node=2", "--master_port=29535", "ppo.py", "--strategy=fsdp"]}
     for name, cmd in runs.items():
         out = tmp_path / name
-        r = subprocess.run(cmd + flags + [f"--output-dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(cmd + flags + [f"--output-dir={out}"], cwd=ROOT, env=env | {"WANDB_MODE": "offline"},
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+        if "--track" in cmd:  # metrics and the samples table reached the (offline) wandb run
+            (record,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+            assert b"objective/scores" in record.read_bytes() and b"samples_table" in record.read_bytes()
         metrics = read_metrics(out)
         train = [m for m in metrics if "train/objective/scores" in m]
         assert [m["step"] for m in train] == [1, 2, 3]

@@ -45,7 +45,8 @@ class Args(TrainArgs):
     """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; default: the built-in
     arithmetic verifier (1.0 if the first integer of the reply is the sum, else 0.0)"""
     reward_model: str | None = None
-    """path of an AutoModelForSequenceClassification scored at the last non-pad token (instead of --reward-fn)"""
+    """path of an AutoModelForSequenceClassification scored at the last non-pad token (instead of --reward-fn);
+    it reads the policy's token ids, so it must share the policy's tokenizer"""
     critic: CriticType = CriticType.value_head
     """value_head (default: one forward gives logits and values, half the memory) or separate"""
     kl_coef: float = 0.05
@@ -262,6 +263,9 @@ class PPOTrainer(BaseTrainer):
             self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
                                            auto_class=AutoModelForSequenceClassification)
             self.reward_model.eval().requires_grad_(False).to(self.device)
+            if self.reward_model.config.vocab_size != policy.config.vocab_size:
+                raise UserError(f"--reward-model {a.reward_model}: vocabulary of {self.reward_model.config.vocab_size} "
+                                f"tokens, the policy has {policy.config.vocab_size}: they must share a tokenizer")
         self.ref_policy.to(self.device)
         hidden = policy.config.hidden_size
         if a.critic == CriticType.separate and self.reward_model is not None:
@@ -363,7 +367,7 @@ class PPOTrainer(BaseTrainer):
             with self.autocast():
                 return reward_model_scores(self.reward_model, ids, attn)
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS
-        fields = {k: [e["fields"][k] for e in examples] for k in examples[0]["fields"]}
+        fields = {k: [e["fields"].get(k) for e in examples] for k in {k for e in examples for k in e["fields"]}}
         scores = self.reward_fn([e["prompt"] for e in examples], completions, **fields)
         if not isinstance(scores, (list, tuple, torch.Tensor)) or len(scores) != len(examples):
             raise UserError(f"--reward-fn {self.args.reward_fn or 'arithmetic'}: returned "

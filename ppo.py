@@ -17,6 +17,7 @@ import importlib
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -399,12 +400,14 @@ class PPOTrainer(BaseTrainer):
     @torch.no_grad()
     def rollout(self) -> tuple[RolloutBuffer, dict[str, float], list]:
         """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
-        a = self.args
+        a, clock = self.args, self.clock()
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
         prompts, responses, mask, has_eos = self.generate(examples, greedy=False)
+        time_generate = clock()
         scores = self.score(examples, prompts, responses, mask)
         if a.missing_eos_penalty is not None:
             scores = scores - a.missing_eos_penalty * (~has_eos).float()
+        time_score = clock()
         t = self.forward_batch(prompts, responses, mask)
         self.model.eval()
         with self.autocast():
@@ -418,6 +421,7 @@ class PPOTrainer(BaseTrainer):
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
         advantages = masked_whiten(advantages, mask) * mask
+        time_logprobs = clock()
         t |= {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
         var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
         resid = returns - values
@@ -429,12 +433,27 @@ class PPOTrainer(BaseTrainer):
             "val/num_eos_tokens": has_eos.float().sum(),
             "val/explained_variance": 1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var_returns,
             "response_length": mask.sum(1).mean(),
+            # where an iteration's time goes (seconds; time/update is added by training_step)
+            "time/generation": time_generate, "time/scoring": time_score, "time/logprobs_values": time_logprobs,
         }
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
                     "response": r, "score": s}
                    for e, r, s in zip(examples[:3], texts, scores.tolist())]
         return RolloutBuffer(t), {k: float(v) for k, v in metrics.items()}, samples
+
+    def clock(self):
+        """A stopwatch: each call returns the seconds since the previous one (CUDA work finished first)."""
+        last = time.perf_counter()
+
+        def lap() -> float:
+            nonlocal last
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            elapsed, last = now - last, now
+            return elapsed
+        return lap
 
     def ppo_loss(self, model, batch: Batch) -> LossOutput:
         a, t = self.args, batch.tensors
@@ -451,6 +470,7 @@ class PPOTrainer(BaseTrainer):
     def training_step(self) -> StepOutput:
         a = self.args
         buffer, metrics, self._samples = self.rollout()
+        clock = self.clock()
         window, grad_norms = MetricWindow(), []
         for _ in range(a.ppo_epochs):
             for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps):
@@ -458,6 +478,7 @@ class PPOTrainer(BaseTrainer):
                 if w.weight:  # else a skipped non-finite update
                     window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
                     grad_norms.append(norm)
+        metrics["time/update"] = clock()
         self.scheduler.step()  # the LR horizon counts iterations
         self.global_step += 1
         metrics |= {k: v / window.weight for k, v in window.sums.items()}

@@ -207,7 +207,8 @@ def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
         assert [m["step"] for m in train] == [1, 2, 3]
         for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                     "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-                    "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "val/explained_variance",
+                    "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "val/explained_variance", "time/generation",
+                    "time/scoring", "time/logprobs_values", "time/update",
                     "response_length", "episodes_per_s", "tokens_per_s", "grad_norm", "lr"):
             assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
         assert train[0]["train/objective/kl"] == 0  # policy == reference when the first rollout is sampled

@@ -185,6 +185,23 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
         torch.testing.assert_close(v, saved[k])
 
 
+def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_path, capsys):
+    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
+    compute = t.compute_loss
+
+    def poisoned(model, batch):
+        out = compute(model, batch)
+        if t.global_step == 2:
+            out.loss = out.loss * float("nan")
+        return out
+    t.compute_loss = poisoned
+    t.train()
+    assert t.global_step == 4 and t.skipped_steps == 1
+    assert "update skipped (1/1)" in capsys.readouterr().out
+    steps = [m["step"] for m in read_metrics(tmp_path) if "train/loss" in m]
+    assert steps == [1, 2, 4]  # the skipped step logs nothing (log_every 1, its window is empty)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
     """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""

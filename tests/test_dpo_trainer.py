@@ -223,3 +223,13 @@ def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pair
     torch.testing.assert_close(out.loss, losses.mean() + 0.5 * nll)
     torch.testing.assert_close(out.metrics["rewards/margins"], (cr - rj).mean())
     torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean())
+
+
+def test_retention_ignores_and_clears_tmp_leftovers(tiny_model_dir, pairs_file, tmp_path):
+    """A step_N.tmp left by a kill (even one holding COMPLETE, killed before the rename) never counts as a checkpoint
+    and is cleared by the next save; --keep-checkpoints real checkpoints remain."""
+    stale = tmp_path / "checkpoints" / "step_00000099.tmp"
+    stale.mkdir(parents=True)
+    (stale / "COMPLETE").write_text("99")
+    main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=3, save_every=1, keep_checkpoints=2, resume=True))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]

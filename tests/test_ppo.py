@@ -168,9 +168,9 @@ def test_resume_continues_exactly(tiny_model_dir, prompt_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize("kw,match", [
     ({"reward_fn": "my_rewards:nan"}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
-    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of length 1, expected a list"),
+    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of shape \(1,\), expected"),
     ({"reward_fn": "no_such_module:f"}, r"--reward-fn no_such_module:f: cannot import"),
-    ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--model /nonexistent/rm: no such directory"),
+    ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--reward-model /nonexistent/rm: no such directory"),
     ({"batch_size": 3, "num_minibatches": 2}, r"--batch-size 3 must be divisible"),
 ])
 def test_bad_reward_and_flags(tiny_model_dir, prompt_file, tmp_path, monkeypatch, kw, match):

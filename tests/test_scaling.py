@@ -31,7 +31,9 @@ def assert_same(a: dict, b: dict, what: str):
 
 def test_single_ddp_fsdp_parity_resume_and_export(tiny_model_dir, pairs_file, tmp_path):
     # precomputed reference log-probs: under DDP/FSDP each rank computes a share and all gather them
-    common = dict(model=tiny_model_dir, data=pairs_file, gradient_accumulation_steps=2, precompute_ref_logps=True)
+    # no clipping: clipped gradients would hide a sum-instead-of-mean reduction from the gradient comparison
+    common = dict(model=tiny_model_dir, data=pairs_file, gradient_accumulation_steps=2, precompute_ref_logps=True,
+                  max_grad_norm=0.0, learning_rate=1e-4)
     single = launch(tmp_path / "single.pt", tmp_path / "single", batch_size=4, **common)
     ddp = launch(tmp_path / "ddp.pt", tmp_path / "ddp", nproc=2, batch_size=2, strategy="ddp", **common)
     fsdp = launch(tmp_path / "fsdp.pt", tmp_path / "fsdp", nproc=2, batch_size=2, strategy="fsdp", **common)
@@ -42,6 +44,7 @@ def test_single_ddp_fsdp_parity_resume_and_export(tiny_model_dir, pairs_file, tm
         assert_same(single["weights"], run["weights"], f"{name} weights")
         m1 = [m for m in read_metrics(tmp_path / "single") if "train/grad_norm" in m]
         m2 = [m for m in read_metrics(tmp_path / name) if "train/grad_norm" in m]
+        assert len(m1) == len(m2) == 4
         for x, y in zip(m1, m2):
             for k in ("train/grad_norm", "train/loss", "train/rewards/margins"):
                 assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (name, k)

@@ -168,8 +168,8 @@ def test_local_dataset_directory_loads_through_datasets(tiny_model_dir, pairs_fi
     assert len(t.train_data) + len(t.eval_data) == 48 and t.train_data[0]["loc"].startswith(str(d))
 
 
-def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_path):
-    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, save_every=1))
+def _poison_step_3(t: DPOTrainer) -> None:
+    """Make the loss NaN during the third optimizer step (NaN injection)."""
     compute = t.compute_loss
 
     def poisoned(model, batch):
@@ -178,6 +178,11 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
             out.loss = out.loss * float("nan")
         return out
     t.compute_loss = poisoned
+
+
+def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_path):
+    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, save_every=1))
+    _poison_step_3(t)
     with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 3 \(rows \[.*pairs\.jsonl:\d+"):
         t.train()
     saved = checkpoint_weights(tmp_path / "checkpoints" / "step_00000002")
@@ -187,14 +192,7 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
 
 def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_path, capsys):
     t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
-    compute = t.compute_loss
-
-    def poisoned(model, batch):
-        out = compute(model, batch)
-        if t.global_step == 2:
-            out.loss = out.loss * float("nan")
-        return out
-    t.compute_loss = poisoned
+    _poison_step_3(t)
     t.train()
     assert t.global_step == 4 and t.skipped_steps == 1
     assert "update skipped (1/1)" in capsys.readouterr().out

@@ -525,7 +525,7 @@ class MetricWindow:
         self.weight += weight
         self.tokens += tokens
 
-    def reduce(self, device) -> dict[str, float]:
+    def reduce(self, device, rates: bool = True) -> dict[str, float]:
         keys = sorted(self.sums)
         vec = torch.tensor([self.sums[k] for k in keys] + [self.weight, self.tokens], dtype=torch.float64,
                            device=device)
@@ -533,7 +533,7 @@ class MetricWindow:
             dist.all_reduce(vec)
         out = {k: (vec[i] / vec[-2]).item() for i, k in enumerate(keys)}
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        if vec[-1] > 0:  # throughput is summed over ranks
+        if rates and vec[-1] > 0:  # throughput is summed over ranks
             out["tokens_per_s"] = vec[-1].item() / elapsed
             out["samples_per_s"] = vec[-2].item() / elapsed
         return out
@@ -757,10 +757,7 @@ class BaseTrainer(ABC):
                 out = self.compute_loss(self.model, batch)
             window.add(out.metrics, len(mine))
         self.model.train()
-        metrics = window.reduce(self.device)
-        metrics.pop("tokens_per_s", None)
-        metrics.pop("samples_per_s", None)
-        return metrics
+        return window.reduce(self.device, rates=False)
 
     def log(self, metrics: dict[str, Any], prefix: str) -> None:
         if not self.dist.is_main:
@@ -812,11 +809,7 @@ class BaseTrainer(ABC):
             self._pbar.update(1)
             last = self.global_step == args.total_steps
             if self.global_step % args.log_every == 0 or last:
-                metrics = window.reduce(self.device)
-                if "samples_per_s" in metrics:
-                    metrics[self.samples_per_s_key] = metrics.pop("samples_per_s")
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
-                self.log(metrics, "train")
+                self._log_train(window)
                 window = None
             if (args.eval_every and self.global_step % args.eval_every == 0) or last:
                 last_eval = self.evaluate()
@@ -826,7 +819,7 @@ class BaseTrainer(ABC):
                 self.save_checkpoint()
             if not last and self._preempted():
                 if window is not None and window.weight:  # flush: the resumed run's windows start after this step
-                    self.log(window.reduce(self.device) | {"lr": self.scheduler.get_last_lr()[0]}, "train")
+                    self._log_train(window)
                 if not saved:
                     self.save_checkpoint()
                 self._pbar.close()
@@ -844,6 +837,12 @@ class BaseTrainer(ABC):
             self.export()
         if self.wandb is not None:
             self.wandb.finish()
+
+    def _log_train(self, window: MetricWindow) -> None:
+        metrics = window.reduce(self.device)
+        if "samples_per_s" in metrics:
+            metrics[self.samples_per_s_key] = metrics.pop("samples_per_s")
+        self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, "train")
 
     @contextlib.contextmanager
     def _catch_preemption(self):

@@ -529,8 +529,7 @@ class PPOTrainer(BaseTrainer):
             prompts, responses, mask, _ = self.generate(examples, greedy=True)
             scores = self.score(examples, prompts, responses, mask)
             window.add({"scores": scores.mean(), "response_length": mask.sum(1).mean()}, len(mine))
-        metrics = window.reduce(self.device)
-        metrics.pop("tokens_per_s", None), metrics.pop("samples_per_s", None)
+        metrics = window.reduce(self.device, rates=False)
         if self.args.dataset == BUILTIN_TASK:
             metrics["greedy_accuracy"] = metrics["scores"]
         return metrics

@@ -18,8 +18,8 @@ import tyro
 from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, TrainArgs, UserError, arithmetic_prompt,
-                    arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, label_logps,
-                    print0, run_main, supports_logits_to_keep, train_eval_rows)
+                    arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, kept_logits,
+                    label_logps, pack_prefix_tree, print0, run_main, train_eval_rows, use_segment_attention)
 
 
 class LossType(StrEnum):
@@ -43,8 +43,9 @@ class Args(TrainArgs):
     """use a uniform reference (log pi_ref = 0): no reference model at all"""
     precompute_ref_logps: bool = False
     """compute reference log-probs once before training, then free the reference model (saves its memory and forward)"""
-    padding_free: bool = False
-    """pack each micro-batch's sequences into one row (position ids restart per sequence) instead of padding"""
+    padding_free: bool = True
+    """pack each micro-batch into one row, each prompt once, shared by its chosen and rejected completion (exact;
+    needs a transformers model with AttentionInterface attention); --no-padding-free pads to the longest sequence"""
     learning_rate: float = 1e-5
     """peak AdamW learning rate"""
     total_steps: int = 60
@@ -105,44 +106,39 @@ def tokenize_pair(tok, row: dict, max_length: int, max_prompt_length: int) -> tu
 
 
 def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
-    """Chosen then rejected sequences of every pair in one forward ([c_1..c_B, r_1..r_B]).
+    """Chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B]) in one forward.
 
-    padding_free: one packed row, position ids restarting per sequence (transformers builds the block-diagonal mask
-    from them); else a right-padded [2B, L] batch. Either way `keep` marks the positions whose NEXT token is a
-    completion token: only there does the LM head run, and prompt tokens never reach the loss."""
+    padding_free: one packed row in which each prompt (and any prefix rows share) appears once, both completions
+    continuing from it (common.pack_prefix_tree; on HH-style rows with long multi-turn prompts a third fewer tokens).
+    Else a right-padded [2B, L] batch. `keep` marks the positions whose logits predict a completion token (only there
+    does the LM head run); `logit_index` (packed) maps each completion token, in sequence order, to its row among
+    the kept logits: the prompt's last position predicts the first token of both completions."""
     seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in examples]
     n_prompt = [len(e["prompt"]) for e in examples] * 2
-    keep_rows = [[False] * (p - 1) + [True] * (len(s) - p) + [False] for s, p in zip(seqs, n_prompt)]
+    segments = None
     if padding_free:
-        input_ids = torch.tensor([sum(seqs, [])])
-        position_ids = torch.tensor([[i for s in seqs for i in range(len(s))]])
-        keep = torch.tensor([sum(keep_rows, [])])
-        tensors = {"input_ids": input_ids, "position_ids": position_ids}
+        tensors, segments = pack_prefix_tree(seqs, n_prompt)
     else:
         width = max(map(len, seqs))
-        input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
-        keep = torch.tensor([k + [False] * (width - len(k)) for k in keep_rows])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        tensors = {"input_ids": input_ids, "attention_mask": mask}
-    # label of kept position t is token t+1 of the same sequence; segment maps it back to its sequence
+        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
+                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                   "keep": torch.tensor([[False] * (p - 1) + [True] * (len(s) - p) + [False] * (width - len(s) + 1)
+                                         for s, p in zip(seqs, n_prompt)])}
+    # the label of completion token j is the token itself; segment maps it back to its sequence
     labels = torch.cat([torch.tensor(s[p:]) for s, p in zip(seqs, n_prompt)])
     segment = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(seqs, n_prompt))])
-    tensors |= {"keep": keep, "labels": labels, "segment": segment,
+    tensors |= {"labels": labels, "segment": segment,
                 "lengths": torch.tensor([len(s) - p for s, p in zip(seqs, n_prompt)])}
     if "ref_logps" in examples[0]:
         tensors["ref_logps"] = torch.tensor([e["ref_logps"][k] for k in (0, 1) for e in examples])
+    # num_tokens counts every sequence's tokens (the prompt twice), as padded training would see them
     return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
-                 row_ids=[e["loc"] for e in examples])
+                 row_ids=[e["loc"] for e in examples], segments=segments)
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed completion log-probs [2B] from one forward; logits only at completion positions (logits_to_keep)."""
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch.tensors}
-    if supports_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=batch["keep"], use_cache=False).logits  # [N_completion, V]
-    else:  # models without a boolean logits_to_keep: full logits, then the completion positions
-        logits = model(**inputs, use_cache=False).logits[batch["keep"]]
-    token_logps = label_logps(logits.reshape(-1, logits.shape[-1]), batch["labels"])
+    """Summed completion log-probs [2B] from one forward; logits only where they predict a completion token."""
+    token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"])
     return torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
 
 
@@ -153,11 +149,12 @@ class DPOTrainer(BaseTrainer):
 
     def build_model(self) -> nn.Module:
         model = super().build_model()
+        if self.args.padding_free:
+            use_segment_attention(model)
         self.ref_model = None
         if not self.args.reference_free:
             # identical init on every rank (same seed, same file), frozen, never wrapped or given gradients
-            import copy
-            self.ref_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+            self.ref_model = self.frozen_copy(model)
         return model
 
     def setup_data(self) -> None:

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,8 @@ from torch import nn
 
 from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
                     arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
-                    disable_dropout, label_logps, load_model, print0, run_main,
-                    train_eval_rows)
+                    disable_dropout, kept_logits, label_logps, load_model, pack_prefix_tree, print0, run_main,
+                    segment_forward, train_eval_rows, use_segment_attention)
 
 
 class CriticType(StrEnum):
@@ -94,6 +95,9 @@ class Args(TrainArgs):
     """max tokens of prompt + response"""
     max_prompt_length: int = 200
     """prompts longer than this are cut from the left"""
+    padding_free: bool = True
+    """log-prob/value forwards on one packed row in which prompt prefixes shared by episodes (e.g. the chat template's
+    system prompt) appear once (exact); --no-padding-free: the left-padded batch"""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,26 +215,29 @@ class RolloutBuffer:
 
 class ActorCritic(nn.Module):
     """Policy LM + critic in one module: one optimizer, one DDP wrapper. `forward` returns logits and values only
-    at the positions in `keep` (those that predict a response token), so the LM head never runs on the prompt."""
+    where they predict a response token (t["keep"], t["logit_index"]), so the LM head never runs on the prompt."""
 
     def __init__(self, policy: nn.Module, value_head: nn.Module, critic_backbone: nn.Module | None = None):
         super().__init__()
         self.policy, self.value_head, self.critic_backbone = policy, value_head, critic_backbone
 
-    def forward(self, input_ids, attention_mask, position_ids, keep):
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    def forward(self, t: dict[str, torch.Tensor], segments: list | None = None):
         # the LM head's input is the final (normed) hidden state at the kept positions: catch it for the value head.
         # Calling the policy itself (not its backbone) keeps FSDP's per-model hooks in charge of gathering weights.
         caught = []
         hook = self.policy.get_output_embeddings().register_forward_pre_hook(lambda m, args: caught.append(args[0]))
         try:
-            logits = self.policy(**inputs, logits_to_keep=keep).logits  # [N_kept, V]
+            logits = kept_logits(self.policy, t, segments)  # [N, V]: one row per response token
         finally:
             hook.remove()
-        hidden = caught[0]
+        hidden = caught[0].reshape(-1, caught[0].shape[-1])
         if self.critic_backbone is not None:
-            hidden = self.critic_backbone(**inputs).last_hidden_state[keep]
-        return logits, self.value_head(hidden).squeeze(-1)  # [N_kept, V], [N_kept]
+            inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
+            run = self.critic_backbone if segments is None else partial(segment_forward, self.critic_backbone, segments)
+            hidden = run(**inputs, use_cache=False).last_hidden_state[t["keep"]]
+        if t.get("logit_index") is not None:
+            hidden = hidden.index_select(0, t["logit_index"])
+        return logits, self.value_head(hidden).squeeze(-1)  # [N, V], [N]
 
 
 def reward_head(model: nn.Module) -> nn.Module:
@@ -262,7 +269,9 @@ class PPOTrainer(BaseTrainer):
     def build_model(self) -> nn.Module:
         a = self.args
         policy = super().build_model()
-        self.ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+        if a.padding_free:
+            use_segment_attention(policy)  # before the copies: the reference and a policy-based critic inherit it
+        self.ref_policy = self.frozen_copy(policy)
         self.reward_model = None
         if a.reward_model:
             from transformers import AutoModelForSequenceClassification
@@ -273,12 +282,13 @@ class PPOTrainer(BaseTrainer):
             if self.reward_model.config.vocab_size != policy.config.vocab_size:
                 raise UserError(f"--reward-model {a.reward_model}: vocabulary of {self.reward_model.config.vocab_size} "
                                 f"tokens, the policy has {policy.config.vocab_size}: they must share a tokenizer")
-        self.ref_policy.to(self.device)
         hidden = policy.config.hidden_size
         if a.critic == CriticType.separate and self.reward_model is not None:
             # N+ detail: the critic starts as the reward model (backbone and head)
             backbone, head = copy.deepcopy(self.reward_model.base_model), copy.deepcopy(reward_head(self.reward_model))
             backbone.requires_grad_(True), head.requires_grad_(True)
+            if a.padding_free:
+                use_segment_attention(backbone)
         else:
             backbone = copy.deepcopy(policy.base_model) if a.critic == CriticType.separate else None
             # zero init: values start at 0 instead of at a random scale, so early value-loss gradients (which flow
@@ -409,9 +419,20 @@ class PPOTrainer(BaseTrainer):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "keep": keep, "response_mask": mask,
                 "responses": responses, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
 
+    def model_inputs(self, t: dict) -> tuple[dict[str, torch.Tensor], list | None]:
+        """Forward inputs for rollout tensors: the left-padded batch itself, or (padding_free) one packed row in
+        which prompt prefixes that episodes share (the chat template's system prompt, ...) appear once."""
+        if not self.args.padding_free:
+            return t, None
+        rows = t["attention_mask"].bool()  # prompt tokens, then the response up to its first EOS
+        seqs = [ids[m].tolist() for ids, m in zip(t["input_ids"], rows)]
+        n_prompt = rows[:, :rows.shape[1] - t["responses"].shape[1]].sum(1).tolist()
+        packed, segments = pack_prefix_tree(seqs, n_prompt)
+        return {k: v.to(self.device) for k, v in packed.items()}, segments
+
     def logps_and_values(self, model, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L] log-probs of the responses (logits / temperature, N+ detail) and values; 0 where mask is 0."""
-        logits, values = model(t["input_ids"], t["attention_mask"], t["position_ids"], t["keep"])
+        logits, values = model(*self.model_inputs(t))
         mask = t["response_mask"].bool()
         flat = label_logps(logits / self.args.temperature, t["responses"][mask])
         logps = torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
@@ -432,8 +453,7 @@ class PPOTrainer(BaseTrainer):
         self.model.eval()
         with self.autocast():
             logps, values = self.logps_and_values(self.model, t)
-            ref_logits = self.ref_policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                                         position_ids=t["position_ids"], logits_to_keep=t["keep"]).logits
+            ref_logits = kept_logits(self.ref_policy, *self.model_inputs(t))
         ref_logps = torch.zeros_like(logps).masked_scatter(
             mask.bool(), label_logps(ref_logits / a.temperature, responses[mask.bool()]))
         rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)

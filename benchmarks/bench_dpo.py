@@ -30,32 +30,46 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # name -> what runs: side, precision, table label, and the flags of ours (dpo.Args fields) or TRL (DPOConfig kwargs)
+TRL_BEST = {"precompute_ref_log_probs": True, "padding_free": True, "gradient_checkpointing": False}
 CONFIGS = {
-    "ours-fp32": dict(side="ours", precision="fp32", label="ours fp32", ours_flags=[]),
+    "ours-fp32": dict(side="ours", precision="fp32", label="ours fp32", ours_args={}),
     "trl-fp32": dict(side="trl", precision="fp32", label="TRL defaults fp32", trl_kwargs={}),
-    "ours-bf16": dict(side="ours", precision="bf16", label="ours bf16", ours_flags=[]),
+    "ours-fp32-pre": dict(side="ours", precision="fp32", label="ours fp32 --precompute-ref-logps",
+                          ours_args={"precompute_ref_logps": True}),
+    "trl-fp32-best": dict(side="trl", precision="fp32", label="TRL best fp32: precompute_ref_log_probs padding_free "
+                          "gradient_checkpointing=False", trl_kwargs=TRL_BEST),
+    "ours-bf16": dict(side="ours", precision="bf16", label="ours bf16", ours_args={}),
     "trl-bf16": dict(side="trl", precision="bf16", label="TRL defaults bf16", trl_kwargs={}),
     "ours-bf16-pre": dict(side="ours", precision="bf16", label="ours bf16 --precompute-ref-logps",
-                          ours_flags=["precompute_ref_logps"]),
+                          ours_args={"precompute_ref_logps": True}),
     "trl-best": dict(side="trl", precision="bf16",
                      label="TRL best: bf16 precompute_ref_log_probs padding_free gradient_checkpointing=False",
-                     trl_kwargs={"precompute_ref_log_probs": True, "padding_free": True,
-                                 "gradient_checkpointing": False}),
-    "ours-bf16-pre-pf": dict(side="ours", precision="bf16", label="ours bf16 --precompute-ref-logps --padding-free",
-                             ours_flags=["precompute_ref_logps", "padding_free"]),
-    # not in the default set: TRL's bf16 defaults with only gradient checkpointing turned off
+                     trl_kwargs=TRL_BEST),
+    # levers, taken away one group at a time from ours-bf16-pre
+    "ours-bf16-pre-padded": dict(side="ours", precision="bf16", label="lever off: --no-padding-free (padded batch)",
+                                 ours_args={"precompute_ref_logps": True, "padding_free": False}),
+    "ours-bf16-pre-stock": dict(side="ours", precision="bf16", label="levers off: padded + foreach AdamW + glibc "
+                                "malloc defaults", ours_args={"precompute_ref_logps": True, "padding_free": False},
+                                stock=True),
+    # not in the default set
+    "ours-fp32-gc": dict(side="ours", precision="fp32", label="ours fp32 --gradient-checkpointing (TRL's default)",
+                         ours_args={"gradient_checkpointing": True}),
+    "ours-bf16-gc": dict(side="ours", precision="bf16", label="ours bf16 --gradient-checkpointing (TRL's default)",
+                         ours_args={"gradient_checkpointing": True}),
     "trl-bf16-nogc": dict(side="trl", precision="bf16", label="TRL bf16 gradient_checkpointing=False",
                           trl_kwargs={"gradient_checkpointing": False}),
 }
-DEFAULT_ORDER = ["ours-fp32", "trl-fp32", "ours-bf16", "trl-bf16", "ours-bf16-pre", "trl-best", "ours-bf16-pre-pf"]
+DEFAULT_ORDER = ["ours-fp32", "trl-fp32", "ours-fp32-pre", "trl-fp32-best", "ours-bf16", "trl-bf16", "ours-bf16-pre",
+                 "trl-best", "ours-bf16-pre-padded", "ours-bf16-pre-stock"]
 # (ours, TRL) pairs for the ratio table
-PAIRS = [("ours-fp32", "trl-fp32"), ("ours-bf16", "trl-bf16"), ("ours-bf16-pre", "trl-bf16"),
-         ("ours-bf16-pre", "trl-best"), ("ours-bf16-pre-pf", "trl-bf16"), ("ours-bf16-pre-pf", "trl-best")]
+PAIRS = [("ours-fp32", "trl-fp32"), ("ours-fp32-pre", "trl-fp32"), ("ours-fp32-pre", "trl-fp32-best"),
+         ("ours-bf16", "trl-bf16"), ("ours-bf16-pre", "trl-bf16"), ("ours-bf16-pre", "trl-best"),
+         ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16")]
 
 
 def ref_in_step(cfg: dict) -> bool:
     if cfg["side"] == "ours":
-        return "precompute_ref_logps" not in cfg["ours_flags"]
+        return not cfg["ours_args"].get("precompute_ref_logps", False)
     return not cfg["trl_kwargs"].get("precompute_ref_log_probs", False)
 
 
@@ -120,19 +134,36 @@ def worker_ours(spec: dict) -> dict:
             self.consumed += self.bs
             return idx
 
-    flags = spec["ours_flags"]
+    if spec["stock"]:  # the levers that have no flag, off: PyTorch's default AdamW, glibc's default allocator
+        import common
+        common.keep_freed_memory = lambda: None
+        build = common.BaseTrainer.build_optimizer
+
+        def foreach_adamw(self, model):
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                      for g in build(self, model).param_groups]
+            return torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=tuple(self.args.adam_betas))
+        common.BaseTrainer.build_optimizer = foreach_adamw
     n_steps = spec["warmup_steps"] + spec["timed_steps"]
     args = dpo.Args(model=spec["model"], dataset=spec["rows"], eval_dataset=spec["eval_rows"],
                     output_dir=spec["output_dir"], total_steps=n_steps, batch_size=spec["batch_size"],
                     max_length=spec["max_length"], max_prompt_length=spec["max_length"],
-                    precision=spec["precision"], precompute_ref_logps="precompute_ref_logps" in flags,
-                    padding_free="padding_free" in flags, learning_rate=1e-6, warmup_steps=0, seed=1)
+                    precision=spec["precision"], learning_rate=1e-6, warmup_steps=0, seed=1, **spec["ours_args"])
     t0 = time.perf_counter()
     trainer = TimedDPOTrainer(args)
     setup_s = time.perf_counter() - t0
     if len(trainer.train_data) != spec["num_rows"]:
         raise RuntimeError(f"ours kept {len(trainer.train_data)} of {spec['num_rows']} rows")
     trainer.sampler = SequentialSampler(len(trainer.train_data), spec["batch_size"])
+    computed = []  # tokens through the model: the packed row (each prompt once) or the non-pad tokens of the batch
+    make_batch = trainer.make_batch
+
+    def counting_make_batch(examples):
+        b = make_batch(examples)
+        mask = b.tensors.get("attention_mask")
+        computed.append(int(b["input_ids"].numel() if mask is None else mask.sum()))
+        return b
+    trainer.make_batch = counting_make_batch
     reset_ok = reset_peak_rss()
     times, tokens = [], []
     for _ in range(n_steps):
@@ -141,7 +172,8 @@ def worker_ours(spec: dict) -> dict:
         _sync(torch)
         times.append(time.perf_counter() - t)
         tokens.append(out.num_tokens)
-    return {"step_s": times, "tokens": tokens, "precompute_s": trainer.precompute_s, "setup_s": setup_s,
+    return {"step_s": times, "tokens": tokens, "computed_tokens": computed, "precompute_s": trainer.precompute_s,
+            "setup_s": setup_s,
             "train_peak_rss": vm_hwm_bytes() if reset_ok else None, "process_peak_rss": process_peak_bytes(),
             "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "notes": []}
@@ -285,7 +317,8 @@ def loadavg() -> str:
 
 
 def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int) -> dict:
-    spec = dict(base_spec, name=name, precision=cfg["precision"], ours_flags=cfg.get("ours_flags", []),
+    spec = dict(base_spec, name=name, precision=cfg["precision"], ours_args=cfg.get("ours_args", {}),
+                stock=cfg.get("stock", False),
                 trl_kwargs=cfg.get("trl_kwargs", {}), output_dir=str(work / f"out-{name}"))
     spec_file, result_file, log_file = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     spec_file.write_text(json.dumps(spec))
@@ -319,9 +352,12 @@ def summarize(res: dict, cfg: dict, warmup: int, n_params: int, peaks: dict) -> 
     t_mean = sum(toks) / len(toks)
     coef = 8 if ref_in_step(cfg) else 6
     flops = coef * n_params * t_mean
+    computed = res.get("computed_tokens", res["tokens"])[warmup:]  # TRL: every non-pad token goes through
+    c_mean = sum(computed) / len(computed)
     return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "tokens_mean": t_mean,
-                  "tokens_per_s": t_mean / med, "coef": coef, "flops": flops,
-                  "mfu": flops / med / (peaks[cfg["precision"]] * 1e9)}
+                  "computed_mean": c_mean, "tokens_per_s": t_mean / med, "coef": coef, "flops": flops,
+                  "mfu": flops / med / (peaks[cfg["precision"]] * 1e9),
+                  "hfu": coef * n_params * c_mean / med / (peaks[cfg["precision"]] * 1e9)}
 
 
 def gb(x) -> str:
@@ -356,24 +392,27 @@ def render(results: dict, order: list[str], meta: dict) -> str:
              f"6 x N x T for the policy + 2 x N x T when a reference forward runs in the step, N = {n:,} parameters "
              f"without the input embedding (the tied LM head counted; {meta['n_total']:,} in all), T = mean non-pad "
              f"tokens (prompt + completion, chosen and rejected) per timed step. Recomputation under gradient "
-             f"checkpointing is not counted.")
+             f"checkpointing is not counted. 'computed' = tokens that actually went through the model (ours "
+             f"packs each prompt once for both completions); HFU = the same formula on computed tokens, i.e. the "
+             f"share of the matmul peak the step really used.")
     L.append("- peak RSS: 'train' = VmHWM of the worker process reset just before the first step (training "
              "phase only); 'process' = ru_maxrss over the process's life (loading, reference, precompute, training)")
     L.append(f"- load average (1/5/15 min) at start: {meta['load_start']}; at end: {meta['load_end']}. Other "
              f"processes (another engineer's tests) may have been running on the same 2 cores.\n")
 
-    L.append("| configuration | s/step (median [min-max]) | tokens/step | tokens/s | FLOPs/step | MFU "
+    L.append("| configuration | s/step (median [min-max]) | tokens/step | computed | tokens/s | FLOPs/step | MFU | HFU "
              "| peak RSS train GB | peak RSS process GB | one-off ref precompute s | load before -> after |")
-    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in order:
         r, cfg = results[name], CONFIGS[name]
         if "error" in r:
-            L.append(f"| {cfg['label']} | failed: {r['error']} | | | | | | | | |")
+            L.append(f"| {cfg['label']} | failed: {r['error']} | | | | | | | | | | |")
             continue
         pre = "-" if r.get("precompute_s") is None else f"{r['precompute_s']:.1f}"
         L.append(f"| {cfg['label']} | {r['median_s']:.2f} [{r['min_s']:.2f}-{r['max_s']:.2f}] | "
-                 f"{r['tokens_mean']:.0f} | {r['tokens_per_s']:.0f} | {r['coef']}NT = {r['flops'] / 1e12:.3f} T | "
-                 f"{100 * r['mfu']:.1f}% | {gb(r['train_peak_rss'])} | {gb(r['process_peak_rss'])} | {pre} | "
+                 f"{r['tokens_mean']:.0f} | {r['computed_mean']:.0f} | {r['tokens_per_s']:.0f} | "
+                 f"{r['coef']}NT = {r['flops'] / 1e12:.3f} T | {100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | "
+                 f"{gb(r['train_peak_rss'])} | {gb(r['process_peak_rss'])} | {pre} | "
                  f"{r['load_before']} -> {r['load_after']} |")
     L.append("")
     L.append("FLOPs per step, with the numbers: " + "; ".join(
@@ -426,20 +465,22 @@ def targets(results: dict) -> str:
         return name in results and "error" not in results[name]
 
     out = []
-    ours_bf16 = [k for k in ("ours-bf16", "ours-bf16-pre", "ours-bf16-pre-pf") if ok(k)]
-    if ours_bf16:
-        best = min(ours_bf16, key=lambda k: results[k]["median_s"])
-        for t in ("trl-bf16", "trl-best"):
-            if ok(t):
-                r = results[best]["median_s"] / results[t]["median_s"]
-                out.append(f"- bf16 step time <= 1/4 of {t}: best ours ({best}) {r:.3f} -> "
-                           f"{'met' if r <= 0.25 else 'NOT met'}")
-        m = results[best]["mfu"]
-        out.append(f"- bf16 MFU >= 40%: {best} {100 * m:.1f}% -> {'met' if m >= 0.4 else 'NOT met'}")
-    if ok("ours-fp32") and ok("trl-fp32"):
-        r = results["ours-fp32"]["median_s"] / results["trl-fp32"]["median_s"]
-        out.append(f"- fp32 step time <= 1/2 of TRL fp32: {r:.3f} -> {'met' if r <= 0.5 else 'NOT met'}")
-    for o, t in (("ours-fp32", "trl-fp32"), ("ours-bf16", "trl-bf16"), ("ours-bf16-pre", "trl-best")):
+    for prec, bound, ours, trls in (("bf16", 4, ("ours-bf16", "ours-bf16-pre"), ("trl-bf16", "trl-best")),
+                                    ("fp32", 2, ("ours-fp32", "ours-fp32-pre"), ("trl-fp32", "trl-fp32-best"))):
+        mine = [k for k in ours if ok(k)]
+        if not mine:
+            continue
+        best = min(mine, key=lambda k: results[k]["median_s"])
+        for t in filter(ok, trls):
+            r = results[best]["median_s"] / results[t]["median_s"]
+            out.append(f"- {prec} step time <= 1/{bound} of {t}: best ours ({best}) {r:.3f} -> "
+                       f"{'met' if r <= 1 / bound else 'NOT met'}")
+        if prec == "bf16":
+            m = results[best]["mfu"]
+            out.append(f"- bf16 MFU >= 40%: {best} {100 * m:.1f}% (HFU {100 * results[best]['hfu']:.1f}%) -> "
+                       f"{'met' if m >= 0.4 else 'NOT met'}")
+    for o, t in (("ours-fp32", "trl-fp32"), ("ours-fp32-pre", "trl-fp32-best"), ("ours-bf16", "trl-bf16"),
+                 ("ours-bf16-pre", "trl-best"), ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16")):
         if ok(o) and ok(t) and results[o]["train_peak_rss"] and results[t]["train_peak_rss"]:
             r = results[o]["train_peak_rss"] / results[t]["train_peak_rss"]
             out.append(f"- peak RSS (train) <= 0.6x: {o} / {t} = {r:.2f} -> {'met' if r <= 0.6 else 'NOT met'}")

@@ -78,3 +78,16 @@ def checkpoint_weights(ckpt_dir) -> dict:
     with tempfile.TemporaryDirectory() as d:
         dcp_to_torch_save(Path(ckpt_dir) / "dcp", Path(d) / "ckpt.pt")
         return torch.load(Path(d) / "ckpt.pt", weights_only=True)["model"]
+
+
+def naive_logps(model, tok, exs):
+    """One sequence at a time, full log_softmax over the vocabulary: the plain reference implementation."""
+    out = []
+    for k in ("chosen", "rejected"):
+        for e in exs:
+            ids = torch.tensor([e["prompt"] + e[k]])
+            logp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1]
+            tgt = ids[0, 1:]
+            tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
+            out.append(tok_lp[len(e["prompt"]) - 1:].sum())
+    return torch.stack(out)

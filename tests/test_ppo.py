@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from common import UserError
+from common import UserError, kept_logits
 from conftest import ROOT, checkpoint_weights, read_metrics
 from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
                  reward_model_scores, shape_rewards, truncate_after_eos, value_loss)
@@ -255,3 +255,33 @@ def test_reward_model_run_with_critic_initialised_from_it(tiny_model_dir, prompt
     train = [m for m in read_metrics(t.output_dir) if "train/objective/scores" in m]
     assert len(train) == 2 and all(math.isfinite(m["train/objective/scores"]) for m in train)
     assert not torch.equal(t.model.value_head.weight, rm.score.weight)  # the critic trained
+
+
+@pytest.mark.parametrize("critic", ["value_head", "separate"])
+def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, monkeypatch, critic):
+    """--padding-free (prompt prefixes the episodes share packed once) gives the left-padded batch's log-probs,
+    values, reference log-probs and parameter gradients (fp32)."""
+    monkeypatch.syspath_prepend(str(prompt_file))
+    tr = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, critic=critic, batch_size=8))
+    torch.nn.init.normal_(tr.model.value_head.weight)  # zero-initialised: make the values informative
+    prompts, responses, mask, _ = tr.generate([tr.train_data[i] for i in range(8)], greedy=False)
+    t = tr.forward_batch(prompts, responses, mask)
+    assert mask.sum() > 8 and (t["attention_mask"] == 0).any()  # real responses, real padding
+    out = {}
+    for padding_free in (False, True):
+        tr.args.padding_free = padding_free
+        tr.model.zero_grad()
+        logps, values = tr.logps_and_values(tr.model, t)
+        (logps.sum() + values.sum()).backward()
+        inputs, segments = tr.model_inputs(t)
+        with torch.no_grad():
+            ref = kept_logits(tr.ref_policy, inputs, segments)
+        out[padding_free] = (logps.detach(), values.detach(), ref,
+                             {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    assert out[True][3].keys() == out[False][3].keys()
+    assert tr.model_inputs(t)[0]["input_ids"].numel() < t["attention_mask"].sum()  # something was shared
+    for a, b in zip(out[True][:3], out[False][:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for n, g in out[True][3].items():
+        scale = out[False][3][n].abs().max().item()
+        torch.testing.assert_close(g, out[False][3][n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")

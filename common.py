@@ -282,9 +282,16 @@ def use_segment_attention(model: nn.Module) -> None:
     forwards given `attn_segments` attend within their segments, all others (generation) run plain sdpa."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
+    layer_types = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:  # recurrent / linear-attention layers carry state
+        raise UserError(f"--padding-free: this model has {sorted(layer_types)} layers; only attention layers can be "
+                        f"packed with shared prefixes; run with --no-padding-free")
     AttentionInterface.register(PACKED_ATTENTION, segment_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except ValueError as e:  # e.g. a model without sdpa support
+        raise UserError(f"--padding-free: {str(e).splitlines()[0]}; run with --no-padding-free") from None
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_segments=None,
@@ -301,22 +308,27 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    # transformers applies these through the mask (which is not used here) or extra terms: refuse, never ignore
+    window = kwargs.get("sliding_window")
+    longest = max(sum(b - a for a, b in spans) for _, _, spans in attn_segments)
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    unsupported += [f"sliding_window={window}"] if window is not None and longest > window else []
+    if unsupported:
+        raise UserError(f"--padding-free: this model's attention uses {unsupported}, which packed attention does not "
+                        f"implement; run with --no-padding-free")
     _segment_calls += 1
-    dtype, gqa = query.dtype, query.shape[1] != key.shape[1]
-    # on CPU the fp32 flash kernel's backward is ~2x faster than the bf16 one (measured at 80-320 tokens), and
-    # attention is a small share of the FLOPs: upcast there, outside autocast (which would cast back to bf16)
-    upcast = query.device.type == "cpu" and dtype == torch.bfloat16
-    if upcast:
-        query, key, value = query.float(), key.float(), value.float()
+    n_rep = query.shape[1] // key.shape[1]
     out = []
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        for q0, q1, spans in attn_segments:
-            k, v = (torch.cat([t[:, :, a:b] for a, b in spans], dim=2) for t in (key, value))
-            lq, lk = q1 - q0, k.shape[2]
-            mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
-            out.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None,
-                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-    return torch.cat(out, dim=2).to(dtype).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
+    for q0, q1, spans in attn_segments:
+        k, v = (torch.cat([t[:, :, a:b] for a, b in spans], dim=2) for t in (key, value))
+        lq, lk = q1 - q0, k.shape[2]
+        mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
+        gqa = n_rep > 1
+        if gqa and mask is not None and query.is_cuda:  # CUDA's fused kernels take a mask or GQA, not both
+            k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
+        out.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None,
+                                                  dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
 
 
 def pack_prefix_tree(seqs: list[list[int]], predict_from: list[int]) -> tuple[dict[str, torch.Tensor], list]:
@@ -327,6 +339,8 @@ def pack_prefix_tree(seqs: list[list[int]], predict_from: list[int]) -> tuple[di
     -> tensors {input_ids, position_ids [1, T]; keep [1, T]: positions whose logits are needed; logit_index: for each
     sequence i and token k >= predict_from[i], in order, the row among the kept logits that predicts it} and the
     attention segments for segment_attention (each trie node attends its ancestors and itself)."""
+    if any(not 1 <= p <= len(s) for s, p in zip(seqs, predict_from)):
+        raise ValueError("every sequence needs 1 <= predict_from <= len: token 0 has nothing to be predicted from")
     ids, pos, segments = [], [], []
     where = [[0] * len(s) for s in seqs]  # where[i][k]: packed position of token k of sequence i
     stack = [(list(range(len(seqs))), 0, [])]  # (sequences sharing tokens [0, depth), depth, ancestors' spans)
@@ -744,9 +758,10 @@ class BaseTrainer(ABC):
 
     def frozen_copy(self, model: nn.Module) -> nn.Module:
         """A frozen copy on the device (a reference policy). Under bf16 autocast, Linear layers compute with bf16
-        copies of their weights anyway: storing the copy's that way is exact and halves its memory. Embeddings (a tied
-        LM head included) and norms are not autocast and stay fp32. Not under FSDP: it shards one dtype per unit and
-        has its own mixed-precision policy."""
+        copies of their weights anyway: storing the copy's that way is exact and halves their memory (SmolLM2: 79% of
+        its weights). Embeddings (a tied LM head included) and norms are not autocast and stay fp32. The copy must
+        only run under autocast (every reference forward is inside self.autocast()). Not under FSDP: it shards one
+        dtype per unit and has its own mixed-precision policy."""
         import copy
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
         if self.args.precision == "bf16" and not self.fsdp:

@@ -230,7 +230,8 @@ class ActorCritic(nn.Module):
             logits = kept_logits(self.policy, t, segments)  # [N, V]: one row per response token
         finally:
             hook.remove()
-        hidden = caught[0].reshape(-1, caught[0].shape[-1])
+        # [N_kept, H]; a model without a boolean logits_to_keep ran its LM head on every position: select here too
+        hidden = caught[0] if caught[0].dim() == 2 else caught[0][t["keep"]]
         if self.critic_backbone is not None:
             inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
             run = self.critic_backbone if segments is None else partial(segment_forward, self.critic_backbone, segments)

@@ -1,6 +1,6 @@
 """Our DPO (dpo.py's DPOTrainer) against TRL's DPOTrainer: same model, rows, batch, truncation and precision.
 
-    python benchmarks/bench_dpo.py --trl-python /tmp/trl-venv/bin/python       # ~10 min on the 2-core CPU
+    python benchmarks/bench_dpo.py --trl-python /tmp/trl-venv/bin/python       # ~15 min on the 2-core CPU
     python benchmarks/bench_dpo.py --warmup-steps 1 --timed-steps 1 --configs ours-bf16,trl-bf16   # a quick check
 
 Every configuration runs in its own fresh process (ours with this interpreter, TRL with --trl-python, where TRL is

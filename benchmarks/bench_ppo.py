@@ -1,6 +1,6 @@
 """Our PPO (ppo.py's PPOTrainer) against TRL's GRPOTrainer: same model, prompts, reward, episodes, token cap, updates.
 
-    python benchmarks/bench_ppo.py --trl-python /tmp/trl-venv/bin/python       # ~10 min on the 2-core CPU
+    python benchmarks/bench_ppo.py --trl-python /tmp/trl-venv/bin/python       # ~13 min on the 2-core CPU
     python benchmarks/bench_ppo.py --warmup-steps 1 --timed-steps 1 --configs ours,trl-defaults   # a quick check
 
 Every configuration runs in its own fresh process (ours with this interpreter, TRL with --trl-python, where TRL is

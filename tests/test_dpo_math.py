@@ -191,3 +191,23 @@ def test_sequence_logps_fast_paths_equal_naive():
         for n, g in grads(fast).items():  # atol: fp32 summation-order noise relative to the gradient's scale
             scale = naive_grads[n].abs().max().item()
             torch.testing.assert_close(g, naive_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+
+
+def test_padding_free_refuses_a_sliding_window_it_would_ignore():
+    """A sliding window shorter than a packed sequence changes the attention; segment_attention must not drop it."""
+    from transformers import MistralConfig, MistralForCausalLM
+    tok = build_tokenizer()
+    exs = _examples(tok, 2)
+    for window, refused in ((4, True), (512, False)):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=window, pad_token_id=len(tok) - 1, eos_token_id=len(tok) - 1)).eval()
+        use_segment_attention(model)
+        batch = collate(exs, tok.pad_token_id, padding_free=True)
+        with torch.no_grad():
+            if refused:
+                with pytest.raises(UserError, match="sliding_window=4.*--no-padding-free"):
+                    sequence_logps(model, batch)
+            else:  # longer than every sequence: packed equals plain
+                torch.testing.assert_close(sequence_logps(model, batch), naive_logps(model, tok, exs))

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import common
+
 from common import UserError, kept_logits
 from conftest import ROOT, checkpoint_weights, read_metrics
 from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
@@ -268,7 +270,9 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
     t = tr.forward_batch(prompts, responses, mask)
     assert mask.sum() > 8 and (t["attention_mask"] == 0).any()  # real responses, real padding
     out = {}
-    for padding_free in (False, True):
+    for padding_free, head_everywhere in ((False, False), (True, False), (True, True)):
+        # head_everywhere: a model without a boolean logits_to_keep (LM head on all positions, selected afterwards)
+        monkeypatch.setattr(common, "supports_logits_to_keep", lambda m, h=head_everywhere: not h)
         tr.args.padding_free = padding_free
         tr.model.zero_grad()
         logps, values = tr.logps_and_values(tr.model, t)
@@ -276,12 +280,14 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
         inputs, segments = tr.model_inputs(t)
         with torch.no_grad():
             ref = kept_logits(tr.ref_policy, inputs, segments)
-        out[padding_free] = (logps.detach(), values.detach(), ref,
-                             {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
-    assert out[True][3].keys() == out[False][3].keys()
+        out[padding_free, head_everywhere] = (logps.detach(), values.detach(), ref, {
+            n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
     assert tr.model_inputs(t)[0]["input_ids"].numel() < t["attention_mask"].sum()  # something was shared
-    for a, b in zip(out[True][:3], out[False][:3]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for n, g in out[True][3].items():
-        scale = out[False][3][n].abs().max().item()
-        torch.testing.assert_close(g, out[False][3][n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+    base = out[False, False]
+    for key in ((True, False), (True, True)):
+        assert out[key][3].keys() == base[3].keys()
+        for a, b in zip(out[key][:3], base[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for n, g in out[key][3].items():
+            scale = base[3][n].abs().max().item()
+            torch.testing.assert_close(g, base[3][n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{key} {n}: {m}")

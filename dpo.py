@@ -8,7 +8,6 @@ Rows are {"prompt", "chosen", "rejected"}: strings, or chat message lists (the p
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -17,9 +16,10 @@ import torch.nn.functional as F
 import tyro
 from torch import nn
 
-from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, TrainArgs, UserError, arithmetic_prompt,
-                    arithmetic_questions, check_text, encode_completion, encode_prompt, greedy_accuracy, kept_logits,
-                    label_logps, pack_prefix_tree, print0, run_main, train_eval_rows, use_segment_attention)
+import tasks
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, check_flag, check_text, encode_completion,
+                    encode_prompt, print0, progress, rank_batches, run_main, train_eval_rows)
+from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
 class LossType(StrEnum):
@@ -56,6 +56,14 @@ class Args(TrainArgs):
     """steps between evals (0 = only at start and end)"""
     log_every: int = 5
     """steps between log lines / metrics.jsonl records"""
+
+    def validate(self) -> None:
+        super().validate()
+        check_flag(self, "beta", self.beta > 0, "must be > 0")
+        check_flag(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)")
+        check_flag(self, "rpo_alpha", self.rpo_alpha >= 0, "must be >= 0")
+        if self.label_smoothing and self.loss_type in (LossType.hinge, LossType.ipo):
+            raise UserError(f"--label-smoothing applies to --loss-type sigmoid or robust, not {self.loss_type}")
 
 
 def dpo_loss(
@@ -158,23 +166,15 @@ class DPOTrainer(BaseTrainer):
         return model
 
     def setup_data(self) -> None:
-        a, _tok = self.args, self.tokenizer
-        if a.beta <= 0:
-            raise UserError(f"--beta {a.beta}: must be > 0")
-        if not 0 <= a.label_smoothing < 0.5:
-            raise UserError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
-        if a.label_smoothing and a.loss_type in (LossType.hinge, LossType.ipo):
-            raise UserError(f"--label-smoothing applies to --loss-type sigmoid or robust, not {a.loss_type}")
-        if not 1 <= a.max_prompt_length <= a.max_length:
-            raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length {a.max_length}]")
-        if a.dataset == BUILTIN_TASK:
-            train_rows, eval_rows = arithmetic_pairs(held_out=False), arithmetic_pairs(held_out=True)
+        a = self.args
+        if tasks.is_task(a.dataset):
+            train_rows, eval_rows = tasks.preference_rows(a.dataset, False), tasks.preference_rows(a.dataset, True)
         else:
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
-            if not data:
+            if not data and (data is self.train_data or eval_rows):
                 raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
         if self.ref_model is not None:
             self.ref_model = self.shard(self.ref_model)  # FSDP: sharded like the policy, never given gradients
@@ -197,17 +197,17 @@ class DPOTrainer(BaseTrainer):
 
     @torch.no_grad()
     def _precompute_reference(self) -> None:
-        """One pass of the frozen reference over all rows, split across ranks (each runs the same number of forwards,
-        as FSDP needs), results shared with all; then the reference is freed: training runs the policy alone."""
+        """One pass of the frozen reference over all rows, split across ranks, results shared with all; then the
+        reference is freed: training runs the policy alone."""
         rank, world, bs = self.dist.rank, self.dist.world_size, self.args.batch_size
-        for data in (self.train_data, self.eval_data):
-            mine, found = list(range(rank, len(data), world)), {}
-            for s in range(0, -(-len(data) // world), bs):
-                idx = mine[s:s + bs]
-                chunk = [data[i] for i in idx] or data[:1]  # an empty share still joins the collective forward
+        for data, split in ((self.train_data, "train"), (self.eval_data, "eval")):
+            found = {}
+            for mine, n_real in progress(rank_batches(list(range(len(data))), bs, rank, world),
+                                         f"reference log-probs ({split})", -(-len(data) // (bs * world))):
                 with self.autocast():
-                    logps = sequence_logps(self.ref_model, self.make_batch(chunk).to(self.device)).cpu()
-                found |= {i: (logps[j].item(), logps[len(chunk) + j].item()) for j, i in enumerate(idx)}
+                    logps = sequence_logps(self.ref_model, self.make_batch([data[i] for i in mine]).to(self.device))
+                logps = logps.cpu()
+                found |= {i: (logps[j].item(), logps[len(mine) + j].item()) for j, i in enumerate(mine[:n_real])}
             shares = [found]
             if world > 1:
                 shares = [None] * world
@@ -249,30 +249,13 @@ class DPOTrainer(BaseTrainer):
         return LossOutput(loss, metrics)
 
     def evaluate(self) -> dict[str, float]:
-        metrics = super().evaluate()
-        if self.args.dataset == BUILTIN_TASK:
-            acc, replies = greedy_accuracy(self.model, self.tokenizer, arithmetic_questions(held_out=True),
-                                           self.autocast, self.dist, synced=self.fsdp)
+        metrics = super().evaluate() if self.eval_data else {}
+        if tasks.is_task(self.args.dataset):
+            acc, replies = tasks.greedy_accuracy(self.model, self.tokenizer, self.args.dataset, self.autocast,
+                                                 self.dist, synced=self.fsdp)
             metrics["greedy_accuracy"] = acc
-            print0("  sample replies: " + "; ".join(replies[:4]))
+            self.write("  sample replies: " + "; ".join(replies[:4]))
         return metrics
-
-
-def arithmetic_pairs(held_out: bool) -> list[tuple[str, dict]]:
-    """Preference pairs for the built-in task: chosen = the sum, rejected = a plausible wrong number
-    (off by one or two, the product, the difference, an operand), four per question."""
-    rng = random.Random(4321)
-    rows = []
-    for a, b in arithmetic_questions(held_out):
-        s = a + b
-        wrong = sorted({s + 1, s - 1, s + 2, s - 2, a * b, abs(a - b), a, b} - {s} - {x for x in [-1, -2] if x < 0})
-        wrong = [w for w in wrong if w >= 0]
-        picks = rng.sample(wrong, min(4, len(wrong)))
-        for w in picks:
-            rows.append((f"arithmetic:{a}+{b}", {"prompt": arithmetic_prompt(a, b),
-                                                 "chosen": [{"role": "assistant", "content": str(s)}],
-                                                 "rejected": [{"role": "assistant", "content": str(w)}]}))
-    return rows
 
 
 def main(args: Args | None = None) -> DPOTrainer:

@@ -13,24 +13,20 @@ Prompt rows are {"prompt": str or messages, ...}; the other fields reach the rew
 from __future__ import annotations
 
 import copy
-import importlib
-import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 
 import torch
-import torch.distributed as dist
 import tyro
 from torch import nn
 
-from common import (BUILTIN_TASK, Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError,
-                    arithmetic_prompt, arithmetic_questions, arithmetic_reward, check_text, encode_prompt,
-                    disable_dropout, kept_logits, label_logps, load_model, pack_prefix_tree, print0, run_main,
-                    segment_forward, train_eval_rows, use_segment_attention)
+import tasks
+from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, call_reward_fn,
+                    check_flag, check_text, encode_prompt, generate, left_pad, load_model, load_reward_fn, print0,
+                    progress, rank_batches, run_main, train_eval_rows)
+from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
 
 
 class CriticType(StrEnum):
@@ -92,12 +88,33 @@ class Args(TrainArgs):
     eval_every: int = 10
     """iterations between evals (0 = only at start and end)"""
     max_length: int = 256
-    """max tokens of prompt + response"""
-    max_prompt_length: int = 200
-    """prompts longer than this are cut from the left"""
+    """max tokens of prompt + response; prompts are cut from the left to --max-prompt-length (default: the rest)"""
     padding_free: bool = True
     """log-prob/value forwards on one packed row in which prompt prefixes shared by episodes (e.g. the chat template's
     system prompt) appear once (exact); --no-padding-free: the left-padded batch"""
+
+    def default_max_prompt_length(self) -> int:
+        return self.max_length - self.max_new_tokens
+
+    def validate(self) -> None:
+        check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
+        super().validate()
+        check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy decoding is not PPO's sampling)")
+        check_flag(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value"):
+            check_flag(self, name, getattr(self, name) >= 0, "must be >= 0")
+        for name in ("gamma", "lam"):
+            check_flag(self, name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]")
+        for name in ("ppo_epochs", "num_minibatches"):
+            check_flag(self, name, getattr(self, name) >= 1, "must be >= 1")
+        if self.missing_eos_penalty is not None:
+            check_flag(self, "missing_eos_penalty", True, "must be finite")
+        if self.reward_fn and self.reward_model:
+            raise UserError("pass either --reward-fn or --reward-model, not both")
+        if self.batch_size % (self.num_minibatches * self.gradient_accumulation_steps):
+            raise UserError(f"--batch-size {self.batch_size} must be divisible by --num-minibatches x "
+                            f"--gradient-accumulation-steps ({self.num_minibatches} x "
+                            f"{self.gradient_accumulation_steps})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,16 +187,6 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Mask [B, L] that keeps tokens up to and including the first EOS; tokens after it become pad.
-    -> (responses, mask, has_eos [B])."""
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(1)
-    first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1])
-    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]
-    return responses.masked_fill(~mask, pad_id), mask.float(), has_eos
-
-
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -242,10 +249,15 @@ class ActorCritic(nn.Module):
 
 
 def reward_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence classifier; a head of several outputs is not a reward model."""
     for name in ("score", "classifier"):
-        if isinstance(getattr(model, name, None), nn.Linear):
-            return getattr(model, name)
-    raise UserError(f"reward model {type(model).__name__}: no linear `score`/`classifier` head found")
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            if head.out_features != 1:
+                raise UserError(f"--reward-model: its `{name}` head has {head.out_features} outputs; a reward model "
+                                f"has one (num_labels=1)")
+            return head
+    raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
 
 
 @torch.no_grad()
@@ -278,7 +290,7 @@ class PPOTrainer(BaseTrainer):
             from transformers import AutoModelForSequenceClassification
             self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
                                            auto_class=AutoModelForSequenceClassification, flag="--reward-model")
-            disable_dropout(self.reward_model)  # it may become the critic
+            reward_head(self.reward_model)  # refuses heads of several outputs
             self.reward_model.eval().requires_grad_(False).to(self.device)
             if self.reward_model.config.vocab_size != policy.config.vocab_size:
                 raise UserError(f"--reward-model {a.reward_model}: vocabulary of {self.reward_model.config.vocab_size} "
@@ -303,43 +315,22 @@ class PPOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if a.temperature <= 0:
-            raise UserError(f"--temperature {a.temperature}: must be > 0 (greedy decoding is not PPO's sampling)")
-        if a.reward_fn and a.reward_model:
-            raise UserError("pass either --reward-fn or --reward-model, not both")
-        if a.batch_size % (a.num_minibatches * a.gradient_accumulation_steps):
-            raise UserError(f"--batch-size {a.batch_size} must be divisible by --num-minibatches x "
-                            f"--gradient-accumulation-steps ({a.num_minibatches} x {a.gradient_accumulation_steps})")
-        if not 1 <= a.max_prompt_length <= a.max_length - a.max_new_tokens:
-            raise UserError(f"--max-prompt-length {a.max_prompt_length} must be in [1, --max-length - "
-                            f"--max-new-tokens = {a.max_length - a.max_new_tokens}]")
-        self.reward_fn = self._load_reward_fn()
+        if a.reward_model:
+            self.reward_fn = None
+        elif a.reward_fn:
+            self.reward_fn = load_reward_fn(a.reward_fn)
+        elif tasks.is_task(a.dataset):
+            self.reward_fn = tasks.reward
+        else:
+            raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
         self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
-        if a.dataset == BUILTIN_TASK:
-            train_rows, eval_rows = arithmetic_rows(False), arithmetic_rows(True)
+        if tasks.is_task(a.dataset):
+            train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
         else:
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data, self.eval_data = self._tokenize(train_rows, "train"), self._tokenize(eval_rows, "eval")
         # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
         torch.manual_seed(a.seed + 1000 * self.dist.rank)
-
-    def _load_reward_fn(self):
-        a = self.args
-        if a.reward_model:
-            return None
-        if not a.reward_fn:
-            if a.dataset != BUILTIN_TASK:
-                raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
-            return arithmetic_reward
-        module, _, name = a.reward_fn.partition(":")
-        try:
-            sys.path.insert(0, os.getcwd())
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(f"--reward-fn {a.reward_fn}: cannot import ({e})") from None
-        if not callable(fn):
-            raise UserError(f"--reward-fn {a.reward_fn}: not callable")
-        return fn
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated = [], 0
@@ -354,33 +345,21 @@ class PPOTrainer(BaseTrainer):
 
     def make_batch(self, examples: list[dict]) -> Batch:
         """Left-padded prompts (generation continues from the right edge)."""
-        width = max(len(e["prompt_ids"]) for e in examples)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(e["prompt_ids"])) + e["prompt_ids"] for e in examples])
-        mask = torch.tensor([[0] * (width - len(e["prompt_ids"])) + [1] * len(e["prompt_ids"]) for e in examples])
+        ids, mask = left_pad([e["prompt_ids"] for e in examples], self.tokenizer.pad_token_id)
         return Batch({"input_ids": ids, "attention_mask": mask}, len(examples), int(mask.sum()),
                      row_ids=[e["loc"] for e in examples])
-
-    def compute_loss(self, model, batch):  # PPO's loss needs rollouts: see training_step / ppo_loss
-        raise NotImplementedError
 
     # --- one iteration ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (prompt batch, responses [B, L] padded after the first EOS, response mask [B, L], has_eos [B])."""
-        a, tok = self.args, self.tokenizer
+        a = self.args
         prompts = self.make_batch(examples).to(self.device)
-        policy = self.model.policy
-        policy.eval()  # N+ detail: no dropout while sampling
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": a.temperature,
-                                                        "top_p": a.top_p, "top_k": 0}
+        self.model.policy.eval()  # N+ detail: no dropout while sampling
         with self.autocast():
-            out = policy.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                                  max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, synced_gpus=self.fsdp, **sampling)
-        responses = out[:, prompts["input_ids"].shape[1]:]
-        responses, mask, has_eos = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
-        return prompts, responses, mask, has_eos
+            out = generate(self.model.policy, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
+                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp)
+        return prompts, *out
 
     def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:
         if self.reward_model is not None:
@@ -389,27 +368,8 @@ class PPOTrainer(BaseTrainer):
             with self.autocast():
                 return reward_model_scores(self.reward_model, ids, attn)
         completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS
-        fields = {k: [e["fields"].get(k) for e in examples] for k in {k for e in examples for k in e["fields"]}}
-        out = self.reward_fn([e["prompt"] for e in examples], completions, **fields)
-        name, error = self.args.reward_fn or "arithmetic", ""
-        try:
-            scores = torch.as_tensor(out, dtype=torch.float32, device=self.device)
-        except (TypeError, ValueError, RuntimeError):
-            scores = None
-        if scores is None or scores.shape != (len(examples),):
-            error = (f"--reward-fn {name}: returned {type(out).__name__} of shape "
-                     f"{tuple(scores.shape) if scores is not None else '?'}, expected a list of {len(examples)} floats")
-        elif not torch.isfinite(scores).all():
-            bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
-            error = f"--reward-fn {name}: returned a non-finite score for rows {bad[:8]}"
-        # rows differ per rank: agree on failure, so no rank is left waiting in a collective and rank 0 can say why
-        errors = [error]
-        if dist.is_initialized():
-            errors = [None] * self.dist.world_size
-            dist.all_gather_object(errors, error)
-        if any(errors):
-            raise UserError(next(e for e in errors if e))
-        return scores
+        return call_reward_fn(self.reward_fn, self.args.reward_fn or "tasks:reward", examples, completions,
+                              self.device)
 
     def forward_batch(self, prompts: Batch, responses, mask) -> dict[str, torch.Tensor]:
         """Full-sequence tensors for a policy/critic forward; position ids from the attention mask (left padding)."""
@@ -435,7 +395,7 @@ class PPOTrainer(BaseTrainer):
         """[B, L] log-probs of the responses (logits / temperature, N+ detail) and values; 0 where mask is 0."""
         logits, values = model(*self.model_inputs(t))
         mask = t["response_mask"].bool()
-        flat = label_logps(logits / self.args.temperature, t["responses"][mask])
+        flat = label_logps(logits, t["responses"][mask], self.args.temperature)
         logps = torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
         return logps, torch.zeros_like(logps).masked_scatter(mask, values.float())
 
@@ -456,7 +416,7 @@ class PPOTrainer(BaseTrainer):
             logps, values = self.logps_and_values(self.model, t)
             ref_logits = kept_logits(self.ref_policy, *self.model_inputs(t))
         ref_logps = torch.zeros_like(logps).masked_scatter(
-            mask.bool(), label_logps(ref_logits / a.temperature, responses[mask.bool()]))
+            mask.bool(), label_logps(ref_logits, responses[mask.bool()], a.temperature))
         rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
@@ -497,7 +457,8 @@ class PPOTrainer(BaseTrainer):
             return elapsed
         return lap
 
-    def ppo_loss(self, model, batch: Batch) -> LossOutput:
+    def compute_loss(self, model, batch: Batch) -> LossOutput:
+        """The clipped PPO loss of one rollout-buffer micro-batch."""
         a, t = self.args, batch.tensors
         logps, values = self.logps_and_values(model, t)
         mask = t["response_mask"]
@@ -516,7 +477,7 @@ class PPOTrainer(BaseTrainer):
         window, grad_norms = MetricWindow(), []
         for _ in range(a.ppo_epochs):
             for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps):
-                w, norm = self.optimizer_step(micro_batches, a.gradient_accumulation_steps, self.ppo_loss)
+                w, norm = self.optimizer_step(micro_batches)
                 if w.weight:  # else a skipped non-finite update
                     window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
                     grad_norms.append(norm)
@@ -530,7 +491,7 @@ class PPOTrainer(BaseTrainer):
     def on_step_end(self, out: StepOutput) -> None:
         if self.global_step % self.args.log_every == 0 and self.dist.is_main:
             for s in self._samples:
-                self._write(f"  sample: {s['prompt']!r} -> {s['response']!r} (score {s['score']:.2f})")
+                self.write(f"  sample: {s['prompt']!r} -> {s['response']!r} (score {s['score']:.2f})")
             self.log({"samples": self._samples}, "train")
             if self.wandb is not None:
                 import wandb
@@ -542,23 +503,16 @@ class PPOTrainer(BaseTrainer):
     def evaluate(self) -> dict[str, float]:
         """Greedy responses to the eval prompts, scored by the reward; on the built-in task the mean score is the
         held-out greedy accuracy. Batches are split across ranks like training batches."""
-        window = MetricWindow()
-        gb = self.args.batch_size * self.dist.world_size
-        for s in range(0, len(self.eval_data), gb):
-            mine = self.eval_data[s:s + gb][self.dist.rank::self.dist.world_size]
-            examples = mine or self.eval_data[:1]
-            prompts, responses, mask, _ = self.generate(examples, greedy=True)
-            scores = self.score(examples, prompts, responses, mask)
-            window.add({"scores": scores.mean(), "response_length": mask.sum(1).mean()}, len(mine))
+        window, data = MetricWindow(), self.eval_data
+        batches = rank_batches(data, self.args.batch_size, self.dist.rank, self.dist.world_size)
+        for mine, n_real in progress(batches, "eval", -(-len(data) // (self.args.batch_size * self.dist.world_size))):
+            prompts, responses, mask, _ = self.generate(mine, greedy=True)
+            scores = self.score(mine, prompts, responses, mask)
+            window.add({"scores": scores.mean(), "response_length": mask.sum(1).mean()}, n_real)
         metrics = window.reduce(self.device, rates=False)
-        if self.args.dataset == BUILTIN_TASK:
+        if tasks.is_task(self.args.dataset):
             metrics["greedy_accuracy"] = metrics["scores"]
         return metrics
-
-
-def arithmetic_rows(held_out: bool) -> list[tuple[str, dict]]:
-    return [(f"arithmetic:{a}+{b}", {"prompt": arithmetic_prompt(a, b), "answer": a + b})
-            for a, b in arithmetic_questions(held_out)]
 
 
 def main(args: Args | None = None) -> PPOTrainer:

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,40 @@ def naive_logps(model, tok, exs):
             tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
             out.append(tok_lp[len(e["prompt"]) - 1:].sum())
     return torch.stack(out)
+
+
+ENV = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(cmd, **kw):
+    """A script run as a user would run it (from the repo root)."""
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def tiny_flags(model, data, out, **kw):
+    """dpo.py command-line flags for a few fast fp32 steps on the tiny model."""
+    flags = dict(model=model, dataset=data, output_dir=str(out), precision="fp32", total_steps=4, learning_rate=1e-3,
+                 log_every=1, eval_every=2, save_every=2, max_length=64, max_prompt_length=32, warmup_steps=0) | kw
+    return [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+            for k, v in ((k.replace("_", "-"), v) for k, v in flags.items())]
+
+
+def dpo_args(tiny_model_dir, pairs_file, out, **kw):
+    """dpo.Args for in-process runs on the tiny model."""
+    from dpo import Args
+    base = dict(model=tiny_model_dir, dataset=pairs_file, output_dir=str(out), precision="fp32", batch_size=4,
+                total_steps=3, learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0,
+                max_length=64, max_prompt_length=32, seed=3)
+    return Args(**(base | kw))
+
+
+def capture_grads(trainer):
+    """Record the synced, clipped gradients the optimizer sees at each step."""
+    grads, step = [], trainer.optimizer.step
+
+    def wrapped(*a, **k):
+        grads.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                      if p.grad is not None})
+        return step(*a, **k)
+    trainer.optimizer.step = wrapped
+    return grads

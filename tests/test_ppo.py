@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 
-import common
 
-from common import UserError, kept_logits
+
+import packing
+from common import UserError, truncate_after_eos
+from packing import kept_logits
 from conftest import ROOT, checkpoint_weights, read_metrics
 from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
-                 reward_model_scores, shape_rewards, truncate_after_eos, value_loss)
+                 reward_model_scores, shape_rewards, value_loss)
 
 REWARD_MODULE = '''
 def count_a(prompts, completions, **fields):
@@ -23,6 +25,8 @@ def nan(prompts, completions, **fields):
     return [float("nan")] * len(completions)
 def short(prompts, completions, **fields):
     return [1.0]
+def boom(prompts, completions, **fields):
+    return {}["nope"]
 '''
 
 
@@ -170,7 +174,8 @@ def test_resume_continues_exactly(tiny_model_dir, prompt_file, tmp_path, monkeyp
 
 @pytest.mark.parametrize("kw,match", [
     ({"reward_fn": "my_rewards:nan"}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
-    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned list of shape \(1,\), expected"),
+    ({"reward_fn": "my_rewards:short"}, r"--reward-fn my_rewards:short: returned shape \(1,\), expected a list of 2"),
+    ({"reward_fn": "my_rewards:boom"}, r"--reward-fn my_rewards:boom: raised KeyError: 'nope'"),
     ({"reward_fn": "no_such_module:f"}, r"--reward-fn no_such_module:f: cannot import"),
     ({"reward_fn": None, "reward_model": "/nonexistent/rm"}, r"--reward-model /nonexistent/rm: no such directory"),
     ({"batch_size": 3, "num_minibatches": 2}, r"--batch-size 3 must be divisible"),
@@ -272,7 +277,7 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
     out = {}
     for padding_free, head_everywhere in ((False, False), (True, False), (True, True)):
         # head_everywhere: a model without a boolean logits_to_keep (LM head on all positions, selected afterwards)
-        monkeypatch.setattr(common, "supports_logits_to_keep", lambda m, h=head_everywhere: not h)
+        monkeypatch.setattr(packing, "supports_logits_to_keep", lambda m, h=head_everywhere: not h)
         tr.args.padding_free = padding_free
         tr.model.zero_grad()
         logps, values = tr.logps_and_values(tr.model, t)

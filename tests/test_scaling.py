@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_metrics
-from test_dpo_e2e import ENV, tiny_flags
+from conftest import ENV, tiny_flags
 
 pytestmark = pytest.mark.slow
 

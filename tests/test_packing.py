@@ -1,72 +1,13 @@
-"""Closed-form DPO losses, the log-prob helper against naive references, collation and tokenization."""
-import math
+"""The fast path (packing.py) against the plain path: values and gradients."""
 import random
 
 import pytest
 import torch
 
-from common import (UserError, encode_completion, label_logps, pack_prefix_tree, segment_forward,
-                    use_segment_attention)
+from common import UserError
 from conftest import build_model, build_tokenizer, naive_logps
-from dpo import LossType, collate, dpo_loss, sequence_logps, tokenize_pair
-
-PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
-
-
-def _sig(x):
-    return 1 / (1 + math.exp(-x))
-
-
-def _hand(loss_type, beta, eps, i):
-    h = (PC[i] - RC[i]) - (PR[i] - RR[i])
-    if loss_type == "sigmoid":
-        return -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
-    if loss_type == "robust":
-        return (-(1 - eps) * math.log(_sig(beta * h)) + eps * math.log(_sig(-beta * h))) / (1 - 2 * eps)
-    if loss_type == "hinge":
-        return max(0.0, 1 - beta * h)
-    if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-
-
-@pytest.mark.parametrize("loss_type,beta,eps", [(lt, 0.1, 0.0) for lt in LossType] + [
-    ("sigmoid", 0.5, 0.2), ("robust", 0.5, 0.2)])
-def test_loss_types_match_hand_computation(loss_type, beta, eps):
-    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    losses, cr, rr = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, eps)
-    for i in range(2):
-        assert losses[i].item() == pytest.approx(_hand(loss_type, beta, eps, i), rel=1e-12)
-        assert cr[i].item() == pytest.approx(beta * (PC[i] - RC[i]))
-        assert rr[i].item() == pytest.approx(beta * (PR[i] - RR[i]))
-    # accuracy is "chosen reward > rejected reward": pair 0 is right (0.1b > -0.05b), pair 1 wrong
-    assert ((cr > rr).tolist()) == [True, False]
-
-
-def test_pinned_values():
-    """Literal values computed once outside the code under test, so a mistake shared by formula and test shows."""
-    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
-    args = t(PC[0]), t(PR[0]), t(RC[0]), t(RR[0])  # h = 1.5
-    assert dpo_loss(*args, 0.1, "sigmoid")[0].item() == pytest.approx(0.620957047789532, rel=1e-12)
-    assert dpo_loss(*args, 0.5, "robust", 0.2)[0].item() == pytest.approx(0.13687100611490002, rel=1e-12)
-    assert dpo_loss(*args, 0.5, "hinge")[0].item() == pytest.approx(0.25, rel=1e-12)
-    assert dpo_loss(*args, 0.5, "ipo")[0].item() == pytest.approx(0.25, rel=1e-12)  # (1.5 - 1)^2
-
-
-def test_policy_equals_reference_gives_ln2_and_zero_rewards():
-    x = torch.randn(5, dtype=torch.float32)
-    y = torch.randn(5, dtype=torch.float32)
-    for eps in (0.0, 0.3):
-        losses, cr, rr = dpo_loss(x, y, x.clone(), y.clone(), 0.1, "sigmoid", eps)
-        torch.testing.assert_close(losses, torch.full((5,), math.log(2)), atol=1e-7, rtol=0)
-        assert cr.abs().max() == 0 and rr.abs().max() == 0
-
-
-def test_dpo_gradient_direction():
-    pc, pr = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
-    losses, _, _ = dpo_loss(pc, pr, torch.zeros(3), torch.zeros(3), 0.1)
-    losses.sum().backward()
-    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
-    torch.testing.assert_close(pc.grad, torch.full((3,), -0.05))  # d/dx -logsig(beta x) at 0 = -beta/2
+from dpo import collate, sequence_logps, tokenize_pair
+from packing import label_logps, pack_prefix_tree, segment_forward, use_segment_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -85,31 +26,9 @@ def test_label_logps_equals_naive_log_softmax(dtype):
     torch.testing.assert_close(ours, naive, **tol)
     torch.testing.assert_close(grad_ours.float(), logits.grad.float(), **tol)
 
-
 def _examples(tok, n=3):
     rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
     return [tokenize_pair(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
-
-
-def test_encode_completion_appends_eos_once():
-    tok = build_tokenizer()
-    ids = encode_completion(tok, " hi")
-    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
-    assert encode_completion(tok, " hi<eos>") == ids  # already there: not appended again
-    assert encode_completion(tok, [{"role": "assistant", "content": " hi"}]) == ids
-
-
-def test_truncation_cuts_prompt_left_then_completion_right():
-    tok = build_tokenizer()
-    row = {"prompt": "0123456789", "chosen": "abcdefgh", "rejected": "xy"}
-    ex, truncated = tokenize_pair(tok, row, max_length=10, max_prompt_length=4)
-    assert truncated
-    assert tok.decode(ex["prompt"]) == "6789"
-    assert tok.decode(ex["chosen"]) == "abcdef"  # 10 - 4 = 6 tokens: EOS cut off with the tail
-    assert tok.decode(ex["rejected"]) == "xy<eos>"
-    ex, truncated = tokenize_pair(tok, row, max_length=4, max_prompt_length=4)
-    assert ex is None and truncated  # the completion would vanish: dropped
-
 
 def _contexts(ids, pos, segments):
     """For each packed position, the (position id, token) pairs it attends to under segment_attention's rule."""
@@ -119,7 +38,6 @@ def _contexts(ids, pos, segments):
         for j in range(q1 - q0):
             out[q0 + j] = [(pos[k], ids[k]) for k in kv[:j + 1 + len(kv) - (q1 - q0)]]
     return out
-
 
 def _check_packing(seqs, predict_from, tensors, segments):
     """Each needed logit's position sees exactly its own sequence's prefix, at the right position ids."""
@@ -134,7 +52,6 @@ def _check_packing(seqs, predict_from, tensors, segments):
         assert ctx[at] == list(enumerate(seqs[i][:k])), (i, k)
     return len(ids)
 
-
 def test_pack_prefix_tree_contexts():
     rng = random.Random(0)
     for _ in range(30):
@@ -145,7 +62,6 @@ def test_pack_prefix_tree_contexts():
         tensors, segments = pack_prefix_tree(seqs, predict_from)
         n = _check_packing(seqs, predict_from, tensors, segments)
         assert n <= sum(map(len, seqs)) - len(stem) * (len(seqs) - 1)  # the shared stem is packed once
-
 
 def test_collate_masks_prompt_tokens():
     tok = build_tokenizer()
@@ -169,7 +85,6 @@ def test_segment_forward_refuses_a_model_that_ignores_segments():
     with pytest.raises(UserError, match="--no-padding-free"):
         segment_forward(lambda **kw: None, [(0, 2, [(0, 2)])], input_ids=torch.zeros(1, 2, dtype=torch.long))
 
-
 def test_sequence_logps_fast_paths_equal_naive():
     """Packed and padded paths (LM head on completion positions only) vs one-sequence-at-a-time full log_softmax:
     values and parameter gradients."""
@@ -192,7 +107,6 @@ def test_sequence_logps_fast_paths_equal_naive():
             scale = naive_grads[n].abs().max().item()
             torch.testing.assert_close(g, naive_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
 
-
 def test_padding_free_refuses_a_sliding_window_it_would_ignore():
     """A sliding window shorter than a packed sequence changes the attention; segment_attention must not drop it."""
     from transformers import MistralConfig, MistralForCausalLM
@@ -211,3 +125,22 @@ def test_padding_free_refuses_a_sliding_window_it_would_ignore():
                     sequence_logps(model, batch)
             else:  # longer than every sequence: packed equals plain
                 torch.testing.assert_close(sequence_logps(model, batch), naive_logps(model, tok, exs))
+
+
+@pytest.mark.slow
+def test_bundled_model_fast_logps_equal_plain_path():
+    """fp32, the offline default model: the packed prompt-sharing path and the padded path (LM head on completion
+    positions only, chunked log-softmax) give the plain path's log-probs (one sequence at a time, full log_softmax)
+    within 1e-5 relative."""
+    import tasks
+    from common import BUNDLED_MODEL, load_model, load_tokenizer
+    tok, model = load_tokenizer(BUNDLED_MODEL), load_model(BUNDLED_MODEL).eval()
+    use_segment_attention(model)
+    rows = [row for _, row in tasks.preference_rows("arithmetic", held_out=True)[::9][:4]]
+    rows[0] = rows[0] | {"prompt": rows[0]["prompt"] * 3}  # a multi-turn-length prompt among short ones
+    exs = [tokenize_pair(tok, r, 256, 256)[0] | {"loc": str(i)} for i, r in enumerate(rows)]
+    with torch.no_grad():
+        plain = naive_logps(model, tok, exs)
+        for padding_free in (True, False):
+            fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=0)

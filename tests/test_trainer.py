@@ -1,62 +1,22 @@
-"""Trainer invariances in-process on a tiny model: step-0 identity, accumulation, resume, bad input."""
+"""BaseTrainer behaviour, through dpo.py on a tiny model: accumulation, resume, bad input, non-finite steps."""
 import json
-import math
 import shutil
 
 import pytest
 import torch
 
 from common import UserError
-from conftest import checkpoint_weights, read_metrics
-from dpo import Args, DPOTrainer, main
-
-
-def _args(tiny_model_dir, pairs_file, out, **kw):
-    base = dict(model=tiny_model_dir, dataset=pairs_file, output_dir=str(out), precision="fp32", batch_size=4,
-                total_steps=3, learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0,
-                max_length=64, max_prompt_length=32, seed=3)
-    return Args(**(base | kw))
-
-
-def _capture_grads(trainer):
-    """Record the (clipped, synced) gradients each optimizer step sees."""
-    grads, step = [], trainer.optimizer.step
-
-    def wrapped(*a, **k):
-        grads.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
-        return step(*a, **k)
-    trainer.optimizer.step = wrapped
-    return grads
-
-
-@pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": False},
-                                {"loss_type": "ipo"}, {"label_smoothing": 0.2}])
-def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path, kw):
-    trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, **kw))
-    m = trainer.evaluate()
-    if kw.get("loss_type") == "ipo":
-        assert m["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-5)
-    else:
-        assert abs(m["loss"] - math.log(2)) < 1e-6
-    assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
-
-
-def test_step0_bf16_rewards_are_exactly_zero(tiny_model_dir, pairs_file, tmp_path):
-    """bf16: the reference stores its Linear weights in bf16 (what autocast computes with anyway), so at step 0 it
-    computes exactly what the policy computes: margins 0, not merely close."""
-    trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, precision="bf16"))
-    assert any(p.dtype == torch.bfloat16 for p in trainer.ref_model.parameters())
-    m = trainer.evaluate()
-    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/margins"] == 0
+from conftest import capture_grads, checkpoint_weights, dpo_args, read_metrics
+from dpo import DPOTrainer, main
 
 
 @pytest.mark.parametrize("kw", [{}, {"rpo_alpha": 1.0, "loss_type": "ipo"}])
 def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path, kw):
     runs = []
     for bs, accum in ((4, 1), (2, 2)):
-        trainer = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path / f"{bs}x{accum}", batch_size=bs,
+        trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / f"{bs}x{accum}", batch_size=bs,
                                    gradient_accumulation_steps=accum, **kw))
-        grads = _capture_grads(trainer)
+        grads = capture_grads(trainer)
         trainer.train()
         runs.append((grads, trainer.model.state_dict(), read_metrics(trainer.output_dir)))
     (g1, w1, m1), (g2, w2, m2) = runs
@@ -72,10 +32,9 @@ def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path, 
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
 
-
 def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
     kw = dict(total_steps=6, save_every=3, keep_checkpoints=5)
-    full = main(_args(tiny_model_dir, pairs_file, tmp_path / "full", **kw))
+    full = main(dpo_args(tiny_model_dir, pairs_file, tmp_path / "full", **kw))
     ref_w = {k: v.clone() for k, v in full.model.state_dict().items()}
     ref_losses = {m["step"]: m["train/loss"] for m in read_metrics(full.output_dir) if "train/loss" in m}
 
@@ -84,7 +43,7 @@ def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
     shutil.copytree(full.output_dir, part)
     shutil.rmtree(part / "checkpoints" / "step_00000006")
     shutil.rmtree(part / "final")
-    resumed = main(_args(tiny_model_dir, pairs_file, part, resume=True, **kw))
+    resumed = main(dpo_args(tiny_model_dir, pairs_file, part, resume=True, **kw))
     assert resumed.global_step == 6
     records = [m for m in read_metrics(part) if "train/loss" in m]
     losses = {m["step"]: m["train/loss"] for m in records}
@@ -94,29 +53,24 @@ def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, ref_w[k])
 
-
 def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_path, capsys):
-    t = main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1, resume=True))
+    t = main(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1, resume=True))
     assert t.global_step == 1
     assert "starting fresh" in capsys.readouterr().out
 
-
 def test_existing_checkpoints_without_resume_is_an_error(tiny_model_dir, pairs_file, tmp_path):
-    main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
+    main(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     with pytest.raises(UserError, match="already holds a run"):
-        main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
+        main(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=1))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-
 
 def _bad(tmp_path, lines: list[str], name="bad.jsonl") -> str:
     p = tmp_path / name
     p.write_text("".join(line + "\n" for line in lines))
     return str(p)
 
-
 GOOD = json.dumps({"prompt": "a b", "chosen": " c", "rejected": " d"})
-
 
 @pytest.mark.parametrize("lines,match", [
     ([GOOD, "{not json"], r"bad\.jsonl:2: malformed JSON"),
@@ -130,15 +84,13 @@ GOOD = json.dumps({"prompt": "a b", "chosen": " c", "rejected": " d"})
 ])
 def test_bad_data_names_file_and_line(tiny_model_dir, tmp_path, lines, match):
     with pytest.raises(UserError, match=match):
-        DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, lines), tmp_path / "out"))
-
+        DPOTrainer(dpo_args(tiny_model_dir, _bad(tmp_path, lines), tmp_path / "out"))
 
 def test_non_utf8_line_is_named(tiny_model_dir, tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid UTF-8"):
-        DPOTrainer(_args(tiny_model_dir, str(p), tmp_path / "out"))
-
+        DPOTrainer(dpo_args(tiny_model_dir, str(p), tmp_path / "out"))
 
 @pytest.mark.parametrize("kw,match", [
     ({"model": "/nonexistent/model"}, r"--model /nonexistent/model: no such directory"),
@@ -154,28 +106,25 @@ def test_non_utf8_line_is_named(tiny_model_dir, tmp_path):
 ])
 def test_bad_flags_and_paths(tiny_model_dir, pairs_file, tmp_path, kw, match):
     with pytest.raises(UserError, match=match):
-        DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path / "out", **kw))
-
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", **kw))
 
 def test_overlong_rows_are_truncated_or_dropped(tiny_model_dir, tmp_path, capsys):
     rows = [GOOD] * 8 + [json.dumps({"prompt": "p" * 200, "chosen": " c" * 100, "rejected": " r"})]
-    t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out", eval_size=1,
+    t = DPOTrainer(dpo_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out", eval_size=1,
                          max_length=40, max_prompt_length=40))
     out = capsys.readouterr().out
     assert "1 dropped" in out and len(t.train_data) + len(t.eval_data) == 8  # prompt fills max_length: row dropped
-    t = DPOTrainer(_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out2", eval_size=1,
+    t = DPOTrainer(dpo_args(tiny_model_dir, _bad(tmp_path, rows, "long.jsonl"), tmp_path / "out2", eval_size=1,
                          max_length=40, max_prompt_length=20))
     assert len(t.train_data) + len(t.eval_data) == 9
     assert max(len(e["prompt"]) + len(e["chosen"]) for e in t.train_data + t.eval_data) == 40
-
 
 def test_local_dataset_directory_loads_through_datasets(tiny_model_dir, pairs_file, tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
     shutil.copy(pairs_file, d / "train.jsonl")
-    t = DPOTrainer(_args(tiny_model_dir, str(d), tmp_path / "out"))
+    t = DPOTrainer(dpo_args(tiny_model_dir, str(d), tmp_path / "out"))
     assert len(t.train_data) + len(t.eval_data) == 48 and t.train_data[0]["loc"].startswith(str(d))
-
 
 def _poison_step_3(t: DPOTrainer) -> None:
     """Make the loss NaN during the third optimizer step (NaN injection)."""
@@ -188,9 +137,8 @@ def _poison_step_3(t: DPOTrainer) -> None:
         return out
     t.compute_loss = poisoned
 
-
 def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_path):
-    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, save_every=1))
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, save_every=1))
     _poison_step_3(t)
     with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 3 \(rows \[.*pairs\.jsonl:\d+"):
         t.train()
@@ -198,9 +146,8 @@ def test_nonfinite_loss_stops_before_the_update(tiny_model_dir, pairs_file, tmp_
     for k, v in t.model.state_dict().items():  # not updated by the bad step
         torch.testing.assert_close(v, saved[k])
 
-
 def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_path, capsys):
-    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
     _poison_step_3(t)
     t.train()
     assert t.global_step == 4 and t.skipped_steps == 1
@@ -208,35 +155,11 @@ def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_pa
     steps = [m["step"] for m in read_metrics(tmp_path) if "train/loss" in m]
     assert steps == [1, 2, 4]  # the skipped step logs nothing (log_every 1, its window is empty)
 
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
-    """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""
-    from dpo import collate, dpo_loss, sequence_logps
-    t = DPOTrainer(_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=0.5))
-    exs = t.train_data[:4]
-    assert len({len(e["chosen"]) for e in exs} | {len(e["rejected"]) for e in exs}) > 1
-    batch = collate(exs, t.tokenizer.pad_token_id, False)
-    with torch.no_grad():
-        for p in t.ref_model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-        out = t.compute_loss(t.model, batch)
-        pol, ref = sequence_logps(t.model, batch), sequence_logps(t.ref_model, batch)
-    lengths = batch["lengths"].float()
-    norm = lengths if loss_type == "ipo" else torch.ones_like(lengths)
-    (pc, pr), (rc, rr) = (pol / norm).chunk(2), (ref / norm).chunk(2)
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, 0.1, loss_type)
-    nll = (-pol.chunk(2)[0] / lengths.chunk(2)[0]).mean()
-    torch.testing.assert_close(out.loss, losses.mean() + 0.5 * nll)
-    torch.testing.assert_close(out.metrics["rewards/margins"], (cr - rj).mean())
-    torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean())
-
-
 def test_retention_ignores_and_clears_tmp_leftovers(tiny_model_dir, pairs_file, tmp_path):
     """A step_N.tmp left by a kill (even one holding COMPLETE, killed before the rename) never counts as a checkpoint
     and is cleared by the next save; --keep-checkpoints real checkpoints remain."""
     stale = tmp_path / "checkpoints" / "step_00000099.tmp"
     stale.mkdir(parents=True)
     (stale / "COMPLETE").write_text("99")
-    main(_args(tiny_model_dir, pairs_file, tmp_path, total_steps=3, save_every=1, keep_checkpoints=2, resume=True))
+    main(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=3, save_every=1, keep_checkpoints=2, resume=True))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]

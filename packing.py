@@ -1,0 +1,196 @@
+"""The fast path for sequence log-probs: the same numbers as the plain path, with less work.
+
+The plain path, which every piece here must equal (tests/test_packing.py checks values and gradients): each sequence
+padded into a batch, one forward, `log_softmax(logits).gather(labels)` over the whole vocabulary, summed over the
+completion tokens. The fast path changes only how much work that takes:
+
+- `pack_prefix_tree`: a micro-batch becomes ONE row laid out as a token trie, so every prefix that sequences share is
+  computed once: a DPO prompt serves its chosen and rejected completion, a GRPO prompt its G completions, a chat
+  template's system prompt every PPO episode (prefix sharing, Wang et al. 2024, https://arxiv.org/abs/2410.20305).
+  It is exact: each token sees exactly its own sequence's context, at its own position id, and a shared prefix's
+  gradient is the sum of its branches', as with copies. No padding either.
+- `segment_attention` (registered with transformers' `AttentionInterface`): one sdpa call per trie node over its
+  ancestors and itself, so attention costs the sum of the segments' squared lengths, not the row's. Anything the
+  model's attention does that it does not implement (sliding windows shorter than a sequence, softcapping, sinks,
+  recurrent layers) is refused with a pointer to `--no-padding-free`, never ignored. Forwards without segments
+  (generation) fall through to plain sdpa.
+- `kept_logits`: the LM head runs only on positions that predict a completion token (transformers' boolean
+  `logits_to_keep`): a [tokens x vocab] matrix is the largest activation of a small model.
+- `label_logps`: `logit[label] - logsumexp(logits)` in row chunks with a hand-written backward (softmax - onehot), so
+  no fp32 [tokens x vocab] log-softmax is materialised or saved for backward; a sampling temperature is applied
+  inside the fp32 part (bf16 logits / T would be rounded before the log-softmax).
+
+What each piece buys is measured in benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import UserError
+
+PACKED_ATTENTION = "segment_sdpa"
+_segment_calls = 0
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """transformers >= 5 causal LMs take a boolean logits_to_keep mask: the LM head runs only where it is True."""
+    model = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def use_segment_attention(model: nn.Module) -> None:
+    """Route the model's attention through segment_attention: forwards given `attn_segments` attend within their
+    segments, all others (generation) run plain sdpa."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    layer_types = set(getattr(getattr(model, "config", None), "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:  # recurrent / linear-attention layers carry state
+        raise UserError(f"--padding-free: this model has {sorted(layer_types)} layers; only attention layers can be "
+                        f"packed with shared prefixes; run with --no-padding-free")
+    AttentionInterface.register(PACKED_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except ValueError as e:  # e.g. a model without sdpa support
+        raise UserError(f"--padding-free: {str(e).splitlines()[0]}; run with --no-padding-free") from None
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_segments=None,
+                      **kwargs):
+    """Attention of a packed row, one sdpa call per segment. query [1, H, L, D], key/value [1, H_kv, L, D].
+
+    attn_segments: (q_start, q_end, kv_spans) blocks covering the row in order; the queries attend the concatenated
+    kv_spans causally, aligned at the end (query i sees keys up to i + len(kv) - len(q))."""
+    global _segment_calls
+    if attn_segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # transformers applies these through the mask (which is not used here) or extra terms: refuse, never ignore
+    window = kwargs.get("sliding_window")
+    longest = max(sum(b - a for a, b in spans) for _, _, spans in attn_segments)
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    unsupported += [f"sliding_window={window}"] if window is not None and longest > window else []
+    if unsupported:
+        raise UserError(f"--padding-free: this model's attention uses {unsupported}, which packed attention does not "
+                        f"implement; run with --no-padding-free")
+    _segment_calls += 1
+    n_rep = query.shape[1] // key.shape[1]
+    # CPU under bf16 autocast: the fp32 flash kernel's backward is faster than the bf16 one there, and attention is a
+    # small share of the FLOPs; outside autocast, which would cast it back. RoPE already hands over fp32 q and k.
+    fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if fp32:
+        query, key, value = query.float(), key.float(), value.float()
+    out = []
+    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        for q0, q1, spans in attn_segments:
+            k, v = (torch.cat([t[:, :, a:b] for a, b in spans], dim=2) for t in (key, value))
+            lq, lk = q1 - q0, k.shape[2]
+            mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
+            gqa = n_rep > 1
+            if gqa and mask is not None and query.is_cuda:  # CUDA's fused kernels take a mask or GQA, not both
+                k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
+            out.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None,
+                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
+
+
+def pack_prefix_tree(seqs: list[list[int]], predict_from: list[int]) -> tuple[dict[str, torch.Tensor], list]:
+    """Pack token sequences into one row in which every shared prefix appears once (a token trie, depth first).
+
+    -> tensors {input_ids, position_ids [1, T]; keep [1, T]: positions whose logits are needed; logit_index: for each
+    sequence i and token k >= predict_from[i], in order, the row among the kept logits that predicts it} and the
+    attention segments for segment_attention (each trie node attends its ancestors and itself)."""
+    if any(not 1 <= p <= len(s) for s, p in zip(seqs, predict_from)):
+        raise ValueError("every sequence needs 1 <= predict_from <= len: token 0 has nothing to be predicted from")
+    ids, pos, segments = [], [], []
+    where = [[0] * len(s) for s in seqs]  # where[i][k]: packed position of token k of sequence i
+    stack = [(list(range(len(seqs))), 0, [])]  # (sequences sharing tokens [0, depth), depth, ancestors' spans)
+    while stack:
+        group, depth, spans = stack.pop()
+        first, end, run = seqs[group[0]], min(len(seqs[i]) for i in group), depth
+        while run < end and all(seqs[i][run] == first[run] for i in group):
+            run += 1
+        if run > depth:
+            start = len(ids)
+            ids += first[depth:run]
+            pos += range(depth, run)
+            spans = spans + [(start, len(ids))]
+            segments.append((start, len(ids), spans))
+            for i in group:
+                where[i][depth:run] = range(start, len(ids))
+        children: dict[int, list[int]] = {}
+        for i in group:
+            if len(seqs[i]) > run:
+                children.setdefault(seqs[i][run], []).append(i)
+        stack += [(g, run, spans) for g in reversed(children.values())]
+    predicting = [where[i][k - 1] for i, s in enumerate(seqs) for k in range(predict_from[i], len(s))]
+    keep = torch.zeros(1, len(ids), dtype=torch.bool)
+    keep[0, predicting] = True
+    row_of = keep[0].cumsum(0) - 1  # a kept position's row among the kept logits
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "keep": keep,
+            "logit_index": row_of[predicting]}, segments
+
+
+def segment_forward(model: nn.Module, segments: list, **inputs):
+    """model(**inputs) on a packed row; fails loudly if the segments never reached the attention layers (a model
+    whose attention ignores forward kwargs would silently attend across segments)."""
+    before = _segment_calls
+    out = model(**inputs, attn_segments=segments)
+    if _segment_calls == before:
+        raise UserError("--padding-free: this model's attention layers do not receive forward kwargs (transformers' "
+                        "AttentionInterface); run with --no-padding-free")
+    return out
+
+
+def kept_logits(model: nn.Module, t: dict[str, torch.Tensor], segments: list | None = None) -> torch.Tensor:
+    """[N, V] logits from one forward, the LM head run only where t["keep"] is True; rows reordered / repeated by
+    t["logit_index"] when given (a packed row, where one position can predict tokens of several sequences)."""
+    inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
+    forward = model if segments is None else partial(segment_forward, model, segments)
+    if supports_logits_to_keep(model):
+        logits = forward(**inputs, logits_to_keep=t["keep"], use_cache=False).logits
+    else:  # models without a boolean logits_to_keep: full logits, then the kept positions
+        logits = forward(**inputs, use_cache=False).logits[t["keep"]]
+    logits = logits.reshape(-1, logits.shape[-1])
+    return logits if t.get("logit_index") is None else logits.index_select(0, t["logit_index"])
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                chunk: int = 1024) -> torch.Tensor:
+    """log_softmax(logits / temperature)[label] per row; logits [N, V], labels [N] -> [N] fp32."""
+    return _LabelLogProb.apply(logits, labels, temperature, chunk)
+
+
+class _LabelLogProb(torch.autograd.Function):
+    """label logit - logsumexp, in row chunks, with a hand-written backward ((onehot - softmax) / T), so no [N, V]
+    fp32 log_softmax is ever materialised or saved for backward: only the (possibly bf16) logits and N logsumexps."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk):
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for s in range(0, logits.shape[0], chunk):
+            block = logits[s:s + chunk].float() / temperature
+            lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
+            picked[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        out, t = torch.empty_like(logits), ctx.temperature
+        for s in range(0, logits.shape[0], ctx.chunk):
+            g = grad[s:s + ctx.chunk, None].float() / t
+            block = torch.exp(logits[s:s + ctx.chunk].float() / t - lse[s:s + ctx.chunk, None]).mul_(-g)
+            block.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
+            out[s:s + ctx.chunk] = block
+        return out, None, None, None

@@ -1,0 +1,176 @@
+"""DPO: the loss against its closed form, tokenization and collation, step-0 identities, smoke runs."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from common import encode_completion
+from conftest import (build_tokenizer, checkpoint_weights, dpo_args, read_metrics, run,
+                      tiny_flags)
+from dpo import DPOTrainer, LossType, dpo_loss, tokenize_pair
+
+
+PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+def _hand(loss_type, beta, eps, i):
+    h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+    if loss_type == "sigmoid":
+        return -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
+    if loss_type == "robust":
+        return (-(1 - eps) * math.log(_sig(beta * h)) + eps * math.log(_sig(-beta * h))) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return max(0.0, 1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+
+@pytest.mark.parametrize("loss_type,beta,eps", [(lt, 0.1, 0.0) for lt in LossType] + [
+    ("sigmoid", 0.5, 0.2), ("robust", 0.5, 0.2)])
+def test_loss_types_match_hand_computation(loss_type, beta, eps):
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    losses, cr, rr = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, eps)
+    for i in range(2):
+        assert losses[i].item() == pytest.approx(_hand(loss_type, beta, eps, i), rel=1e-12)
+        assert cr[i].item() == pytest.approx(beta * (PC[i] - RC[i]))
+        assert rr[i].item() == pytest.approx(beta * (PR[i] - RR[i]))
+    # accuracy is "chosen reward > rejected reward": pair 0 is right (0.1b > -0.05b), pair 1 wrong
+    assert ((cr > rr).tolist()) == [True, False]
+
+def test_pinned_values():
+    """Literal values computed once outside the code under test, so a mistake shared by formula and test shows."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    args = t(PC[0]), t(PR[0]), t(RC[0]), t(RR[0])  # h = 1.5
+    assert dpo_loss(*args, 0.1, "sigmoid")[0].item() == pytest.approx(0.620957047789532, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "robust", 0.2)[0].item() == pytest.approx(0.13687100611490002, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "hinge")[0].item() == pytest.approx(0.25, rel=1e-12)
+    assert dpo_loss(*args, 0.5, "ipo")[0].item() == pytest.approx(0.25, rel=1e-12)  # (1.5 - 1)^2
+
+def test_policy_equals_reference_gives_ln2_and_zero_rewards():
+    x = torch.randn(5, dtype=torch.float32)
+    y = torch.randn(5, dtype=torch.float32)
+    for eps in (0.0, 0.3):
+        losses, cr, rr = dpo_loss(x, y, x.clone(), y.clone(), 0.1, "sigmoid", eps)
+        torch.testing.assert_close(losses, torch.full((5,), math.log(2)), atol=1e-7, rtol=0)
+        assert cr.abs().max() == 0 and rr.abs().max() == 0
+
+def test_dpo_gradient_direction():
+    pc, pr = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, torch.zeros(3), torch.zeros(3), 0.1)
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
+    torch.testing.assert_close(pc.grad, torch.full((3,), -0.05))  # d/dx -logsig(beta x) at 0 = -beta/2
+
+def _examples(tok, n=3):
+    rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
+    return [tokenize_pair(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+
+def test_encode_completion_appends_eos_once():
+    tok = build_tokenizer()
+    ids = encode_completion(tok, " hi")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert encode_completion(tok, " hi<eos>") == ids  # already there: not appended again
+    assert encode_completion(tok, [{"role": "assistant", "content": " hi"}]) == ids
+
+def test_truncation_cuts_prompt_left_then_completion_right():
+    tok = build_tokenizer()
+    row = {"prompt": "0123456789", "chosen": "abcdefgh", "rejected": "xy"}
+    ex, truncated = tokenize_pair(tok, row, max_length=10, max_prompt_length=4)
+    assert truncated
+    assert tok.decode(ex["prompt"]) == "6789"
+    assert tok.decode(ex["chosen"]) == "abcdef"  # 10 - 4 = 6 tokens: EOS cut off with the tail
+    assert tok.decode(ex["rejected"]) == "xy<eos>"
+    ex, truncated = tokenize_pair(tok, row, max_length=4, max_prompt_length=4)
+    assert ex is None and truncated  # the completion would vanish: dropped
+
+
+@pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": False},
+                                {"loss_type": "ipo"}, {"label_smoothing": 0.2}])
+def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path, kw):
+    trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, **kw))
+    m = trainer.evaluate()
+    if kw.get("loss_type") == "ipo":
+        assert m["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-5)
+    else:
+        assert abs(m["loss"] - math.log(2)) < 1e-6
+    assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/rejected"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
+
+def test_step0_bf16_rewards_are_exactly_zero(tiny_model_dir, pairs_file, tmp_path):
+    """bf16: the reference stores its Linear weights in bf16 (what autocast computes with anyway), so at step 0 it
+    computes exactly what the policy computes: margins 0, not merely close."""
+    trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, precision="bf16"))
+    assert any(p.dtype == torch.bfloat16 for p in trainer.ref_model.parameters())
+    m = trainer.evaluate()
+    assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/margins"] == 0
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
+    """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""
+    from dpo import collate, dpo_loss, sequence_logps
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=0.5))
+    exs = t.train_data[:4]
+    assert len({len(e["chosen"]) for e in exs} | {len(e["rejected"]) for e in exs}) > 1
+    batch = collate(exs, t.tokenizer.pad_token_id, False)
+    with torch.no_grad():
+        for p in t.ref_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        out = t.compute_loss(t.model, batch)
+        pol, ref = sequence_logps(t.model, batch), sequence_logps(t.ref_model, batch)
+    lengths = batch["lengths"].float()
+    norm = lengths if loss_type == "ipo" else torch.ones_like(lengths)
+    (pc, pr), (rc, rr) = (pol / norm).chunk(2), (ref / norm).chunk(2)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, 0.1, loss_type)
+    nll = (-pol.chunk(2)[0] / lengths.chunk(2)[0]).mean()
+    torch.testing.assert_close(out.loss, losses.mean() + 0.5 * nll)
+    torch.testing.assert_close(out.metrics["rewards/margins"], (cr - rj).mean())
+    torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean())
+
+
+@pytest.mark.slow
+def test_smoke_run_metrics_and_hf_export(tiny_model_dir, pairs_file, tmp_path):
+    r = run([sys.executable, "dpo.py", *tiny_flags(tiny_model_dir, pairs_file, tmp_path, batch_size=4,
+                                                   eval_dataset=pairs_file)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    train = [m for m in metrics if "train/loss" in m]
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4] and [m["step"] for m in evals] == [0, 2, 4]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+        assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+    assert abs(evals[0]["eval/loss"] - math.log(2)) < 1e-6
+    # eval on the training rows (--eval-dataset): after 4 steps at lr 1e-3 the policy prefers what it was taught
+    assert evals[-1]["eval/rewards/margins"] > 0 and evals[-1]["eval/loss"] < math.log(2)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002", "step_00000004"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    saved = checkpoint_weights(tmp_path / "checkpoints" / "step_00000004")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_error(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n{oops\n")
+    r = run([sys.executable, "dpo.py", "--model", tiny_model_dir, "--dataset", str(bad), "--output-dir",
+             str(tmp_path / "out")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes)"]
+    r = run([sys.executable, "dpo.py", "--no-such-flag", "1"])
+    assert r.returncode != 0 and "--no-such-flag" in r.stderr
+
+@pytest.mark.slow
+def test_bundled_model_step0_is_ln2(tmp_path):
+    """The offline default model: converted once (cached), step-0 eval gives exactly ln 2 in fp32."""
+    r = run([sys.executable, "dpo.py", "--total-steps", "0", "--precision", "fp32", "--output-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ev,) = read_metrics(tmp_path)
+    assert abs(ev["eval/loss"] - math.log(2)) < 1e-6 and ev["eval/rewards/margins"] == 0
+    assert 0 <= ev["eval/greedy_accuracy"] <= 1

@@ -207,15 +207,19 @@ def progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, disable=not is_main(), leave=False, dynamic_ncols=True)
 
 
-def agree_on_error(error: str) -> None:
-    """Ranks that may fail differently (their own rows, their own disk) agree first: every rank raises the first
-    error, so none waits forever in a collective and rank 0 can say why."""
+def first_error(error: str) -> str:
+    """Ranks that may fail differently (their own rows, their own disk) agree: the first rank's error, or ''."""
     errors = [error]
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
-    if any(errors):
-        raise UserError(next(e for e in errors if e))
+    return next((e for e in errors if e), "")
+
+
+def agree_on_error(error: str) -> None:
+    """Every rank raises the first rank's error, so none waits forever in a collective and rank 0 can say why."""
+    if error := first_error(error):
+        raise UserError(error)
 
 
 def run_main(fn) -> None:
@@ -1074,11 +1078,14 @@ def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_sta
     import torch.distributed.checkpoint as dcp
     final = Path(output_dir) / "checkpoints" / f"step_{step:08d}"
     tmp, rank, error = final.with_name(final.name + ".tmp"), dist.get_rank() if dist.is_initialized() else 0, ""
-    try:
-        if rank == 0:
+    if rank == 0:
+        try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
+        except OSError as e:
+            error = str(os_error("checkpoint write failed:", tmp, e))
+    agree_on_error(error)  # also the barrier: the directory exists for every rank
+    try:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -1094,33 +1101,37 @@ def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_sta
         error = str(os_error("checkpoint write failed:", tmp, e))
     except Exception as e:  # noqa: BLE001 - DCP wraps a rank's OSError in its own exception type
         error = f"checkpoint write failed: {tmp}: {str(e).strip().splitlines()[-1]}"
-    try:
-        agree_on_error(error)
-        barrier()
+    if not (error := first_error(error)):  # a collective: every rank has written its files
         if os.environ.get("CLEANRL_RLHF_TEST_SAVE_DELAY"):  # test hook: widen the window for a kill mid-save
             time.sleep(float(os.environ["CLEANRL_RLHF_TEST_SAVE_DELAY"]))
-        if rank == 0:
-            files = sorted(f for f in tmp.rglob("*") if f.is_file())
-            manifest = {str(f.relative_to(tmp)): [f.stat().st_size, file_crc32(f)] for f in files}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            for f in files + [tmp / "manifest.json"]:  # durable before the marker claims completeness
-                fsync(f)
-            (tmp / "COMPLETE").write_text(str(step))
-            fsync(tmp / "COMPLETE")
-            if final.exists():  # same step saved again: retire the old copy marker-first
-                remove_checkpoint(final)
-            os.replace(tmp, final)
-            fsync(final.parent)
-            for old in complete_checkpoints(output_dir)[:-keep]:
-                remove_checkpoint(old)
-            for stale in final.parent.glob("step_*.tmp"):  # left by a run killed mid-save
-                shutil.rmtree(stale, ignore_errors=True)
-    except OSError as e:
-        error = str(os_error("checkpoint write failed:", tmp, e))
+        try:
+            if rank == 0:
+                _seal(tmp, final, step, keep)
+        except OSError as e:
+            error = str(os_error("checkpoint write failed:", tmp, e))
     if error and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     agree_on_error(error)
     barrier()
+
+
+def _seal(tmp: Path, final: Path, step: int, keep: int) -> None:
+    """Manifest (size + crc32 of every file), fsync, COMPLETE marker, rename; then retention."""
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    manifest = {str(f.relative_to(tmp)): [f.stat().st_size, file_crc32(f)] for f in files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for f in files + [tmp / "manifest.json"]:  # durable before the marker claims completeness
+        fsync(f)
+    (tmp / "COMPLETE").write_text(str(step))
+    fsync(tmp / "COMPLETE")
+    if final.exists():  # same step saved again: retire the old copy marker-first
+        remove_checkpoint(final)
+    os.replace(tmp, final)
+    fsync(final.parent)
+    for old in complete_checkpoints(final.parent.parent)[:-keep]:
+        remove_checkpoint(old)
+    for stale in final.parent.glob("step_*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify_checkpoint(ckpt: Path) -> str:

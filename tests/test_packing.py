@@ -144,3 +144,21 @@ def test_bundled_model_fast_logps_equal_plain_path():
         for padding_free in (True, False):
             fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
             torch.testing.assert_close(fast, plain, rtol=1e-5, atol=0)
+
+
+def test_label_logps_divides_by_the_temperature_in_fp32():
+    """bf16 logits / T would be rounded to bf16 before the log-softmax; label_logps divides inside its fp32 part.
+    Values and gradients equal the fp32 log_softmax(logits / T)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(12, 3000) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 3000, (12,))
+    ours = label_logps(logits, labels, temperature=0.7, chunk=5)
+    ref_in = logits.detach().float().requires_grad_()
+    ref = torch.log_softmax(ref_in / 0.7, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    rounded = torch.log_softmax((logits.detach() / 0.7).float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    assert (rounded - ref).abs().max() > 10 * (ours - ref).detach().abs().max()  # the old way was visibly off
+    w = torch.randn(12)
+    (ours * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(logits.grad.float(), ref_in.grad, rtol=0, atol=1e-2 * ref_in.grad.abs().max().item())

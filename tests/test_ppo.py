@@ -296,3 +296,34 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
         for n, g in out[key][3].items():
             scale = base[3][n].abs().max().item()
             torch.testing.assert_close(g, base[3][n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{key} {n}: {m}")
+
+
+def test_sampling_ignores_the_models_generation_config(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    """A model whose generation_config carries repetition_penalty and min_p: PPO still samples from exactly
+    softmax(logits / T) (only the temperature warper runs), so its log-probs and ratios stay on-policy."""
+    monkeypatch.syspath_prepend(str(prompt_file))
+    tr = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, batch_size=4))
+    policy = tr.model.policy
+    policy.generation_config.repetition_penalty, policy.generation_config.min_p = 1.3, 0.1
+    policy.generation_config.top_k = 5
+    built, original = [], policy._get_logits_processor
+
+    def record(*a, **k):
+        built.append(original(*a, **k))
+        return built[-1]
+    monkeypatch.setattr(policy, "_get_logits_processor", record)
+    tr.generate(tr.train_data[:4], greedy=False)
+    assert [type(p).__name__ for p in built[0]] == ["TemperatureLogitsWarper"]
+    tr.generate(tr.train_data[:4], greedy=True)
+    assert [type(p).__name__ for p in built[1]] == []
+    assert policy.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was
+
+
+def test_reward_head_of_several_outputs_is_refused(tiny_model_dir, prompt_file, tmp_path):
+    from transformers import AutoConfig, LlamaForSequenceClassification
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.num_labels = 2
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    with pytest.raises(UserError, match=r"--reward-model: its `score` head has 2 outputs"):
+        PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path / "out", reward_fn=None,
+                         reward_model=str(tmp_path / "rm"), critic="separate"))

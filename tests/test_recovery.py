@@ -1,15 +1,132 @@
-"""Nothing lost: kill -9 while a checkpoint is being written, SIGTERM mid-training, then --resume (subprocesses)."""
+"""Nothing lost: damaged checkpoints, a full disk, kill -9 mid-write, SIGTERM mid-training, then --resume."""
+import errno
+import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
-from conftest import ROOT, read_metrics
-from conftest import ENV, tiny_flags
+import common
+from common import UserError
+from conftest import ENV, ROOT, dpo_args, read_metrics, tiny_flags
+from dpo import DPOTrainer, main
 
-pytestmark = pytest.mark.slow
+
+# --- damaged checkpoints and full disks (in-process, tiny model) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_model_dir, pairs_file, tmp_path_factory):
+    """An fp32 run with checkpoints at steps 2, 4, 6 and its final weights."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    t = main(dpo_args(tiny_model_dir, pairs_file, out, total_steps=6, save_every=2, keep_checkpoints=3))
+    return out, {k: v.clone() for k, v in t.model.state_dict().items()}
+
+
+def _zero_bytes(f):
+    with open(f, "r+b") as h:
+        h.seek(200)
+        h.write(b"\0" * 400)
+
+
+def _truncate(f):
+    with open(f, "r+b") as h:
+        h.truncate(max(os.path.getsize(f) // 2, 1))
+
+
+DAMAGE = {
+    "zeroed shard": ("dcp/__0_0.distcp", _zero_bytes),
+    "truncated shard": ("dcp/__0_0.distcp", _truncate),
+    "garbage scheduler": ("scheduler.pt", lambda f: f.write_bytes(b"garbage")),
+    "garbage trainer state": ("trainer_state.json", lambda f: f.write_text("{not json")),
+    "truncated metadata": ("dcp/.metadata", _truncate),
+    "missing rng": ("rng_rank0.pt", lambda f: f.unlink()),
+    "garbage manifest": ("manifest.json", lambda f: f.write_text("[")),
+}
+
+
+@pytest.mark.parametrize("what", DAMAGE)
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, pairs_file, tmp_path, saved_run, capsys,
+                                                           what):
+    src, final_weights = saved_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # interrupted after step 5: newest is step 4
+    name, damage = DAMAGE[what]
+    damage(run / "checkpoints" / "step_00000004" / name)
+    t = main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=6, save_every=2, keep_checkpoints=3, resume=True))
+    out = capsys.readouterr().out
+    assert f"step_00000004 is damaged: {name}" in out and "trying the previous one" in out
+    assert "resumed from" in out and "at step 2" in out
+    for k, v in t.model.state_dict().items():  # the same weights as the uninterrupted run
+        torch.testing.assert_close(v, final_weights[k])
+
+
+def test_no_intact_checkpoint_stops_with_one_line(tiny_model_dir, pairs_file, tmp_path, saved_run):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run[0], run)
+    for ckpt in (run / "checkpoints").iterdir():
+        _zero_bytes(ckpt / "dcp" / "__0_0.distcp")
+    with pytest.raises(UserError, match=r"--resume: no intact checkpoint in .*run/checkpoints"):
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run, total_steps=6, resume=True))
+
+
+def test_full_disk_during_a_checkpoint_stops_cleanly(tiny_model_dir, pairs_file, tmp_path, monkeypatch, saved_run):
+    """ENOSPC while writing step 4: one line naming the path and errno, the .tmp removed, step 2 intact; resuming
+    after space is freed reaches the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "step_00000004" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = dpo_args(tiny_model_dir, pairs_file, run, total_steps=6, save_every=2, keep_checkpoints=3)
+    with pytest.raises(UserError, match=r"checkpoint write failed: .*step_00000004\.tmp: No space left on device "
+                                        r"\(ENOSPC\)"):
+        main(args)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    assert common.verify_checkpoint(run / "checkpoints" / "step_00000002") == ""
+    monkeypatch.setattr(torch, "save", save)
+    t = main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=6, save_every=2, keep_checkpoints=3, resume=True))
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v, saved_run[1][k])
+
+
+def test_resume_with_another_batch_size_sees_each_row_once_per_epoch(tiny_model_dir, pairs_file, tmp_path):
+    """batch 4 -> 3 -> 4 across two resumes: the row ids of the whole run are one epoch order, then the next."""
+    seen = []
+
+    def run(batch_size, steps, resume):
+        t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, batch_size=batch_size, total_steps=steps,
+                                save_every=steps, resume=resume))
+        draw = t.sampler.next_indices
+
+        def record():
+            rows = draw()
+            seen.extend(t.train_data[i]["loc"] for i in rows)
+            return rows
+        t.sampler.next_indices = record
+        t.train()
+        return t
+    run(4, 5, False)  # 20 rows
+    run(3, 5 + 10, True)  # 30 more: crosses into the second epoch of 44 training rows
+    t = run(4, 15 + 3, True)  # 12 more
+    n = len(t.train_data)
+    assert len(seen) == 62 and n == 44
+    assert sorted(seen[:n]) == sorted(e["loc"] for e in t.train_data)  # epoch 0: every row exactly once
+    assert len(set(seen[n:])) == len(seen[n:])  # epoch 1 so far: no row twice
+    order = [t.train_data[i]["loc"] for i in t.sampler._perms[1]]
+    assert seen[n:] == order[:len(seen) - n]
+
+
+# --- kill -9 and pre-emption (subprocesses) ---------------------------------------------------------------------------
 
 
 def start(model, data, out, delay=0.0, resume=False, nproc=1):
@@ -41,6 +158,7 @@ def reference(tiny_model_dir, pairs_file, tmp_path_factory):
     return losses(out)
 
 
+@pytest.mark.slow
 def test_kill_9_during_checkpoint_write_resumes_from_previous(tiny_model_dir, pairs_file, tmp_path, reference):
     out = tmp_path / "run"
     p = start(tiny_model_dir, pairs_file, out, delay=3.0)  # every save sleeps 3 s before its COMPLETE marker
@@ -57,6 +175,7 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous(tiny_model_dir, pa
     assert sorted(c.name for c in ckpts.iterdir()) == [f"step_{s:08d}" for s in (2, 4, 6, 8, 10)]  # .tmp replaced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (1, signal.SIGUSR1), (2, signal.SIGTERM)])
 def test_preemption_stops_with_checkpoint_and_resume_matches(tiny_model_dir, pairs_file, tmp_path, reference, nproc,
                                                              sig):
@@ -80,6 +199,7 @@ def test_preemption_stops_with_checkpoint_and_resume_matches(tiny_model_dir, pai
     assert (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_path, reference):
     out = tmp_path / "run"
     r = start(tiny_model_dir, pairs_file, out, resume=True)  # a requeued job whose first attempt saved nothing
@@ -88,6 +208,7 @@ def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_
     assert losses(out) == pytest.approx(reference, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_nan_injection_keeps_last_good_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     """A data row that makes the loss non-finite is impossible to write as text, so the loss is poisoned in-process
     in tests/test_dpo_trainer.py; here the subprocess contract: exit 2, one line naming the step."""

@@ -1,4 +1,5 @@
 """BaseTrainer behaviour, through dpo.py on a tiny model: accumulation, resume, bad input, non-finite steps."""
+import importlib
 import json
 import shutil
 
@@ -163,3 +164,72 @@ def test_retention_ignores_and_clears_tmp_leftovers(tiny_model_dir, pairs_file, 
     (stale / "COMPLETE").write_text("99")
     main(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=3, save_every=1, keep_checkpoints=2, resume=True))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+
+
+# --- every numeric flag is checked up front, naming the flag ----------------------------------------------------------
+NAN = float("nan")
+FLAG_TABLE = [
+    ("dpo", {"learning_rate": -1.0}, r"--learning-rate -1.0: must be finite and > 0"),
+    ("dpo", {"learning_rate": NAN}, r"--learning-rate nan: must be finite and > 0"),
+    ("dpo", {"adam_betas": (1.5, 0.999)}, r"--adam-betas 1.5 0.999: must be in \[0, 1\)"),
+    ("dpo", {"adam_eps": 0.0}, r"--adam-eps 0.0: must be finite and > 0"),
+    ("dpo", {"weight_decay": -1.0}, r"--weight-decay -1.0: must be finite and >= 0"),
+    ("dpo", {"max_grad_norm": NAN}, r"--max-grad-norm nan: must be finite"),
+    ("dpo", {"max_grad_norm": -1.0}, r"--max-grad-norm -1.0: must be finite and >= 0"),
+    ("dpo", {"batch_size": 0}, r"--batch-size 0: must be >= 1"),
+    ("dpo", {"gradient_accumulation_steps": 0}, r"--gradient-accumulation-steps 0: must be >= 1"),
+    ("dpo", {"max_length": 0}, r"--max-length 0: must be >= 1"),
+    ("dpo", {"max_prompt_length": 0}, r"--max-prompt-length 0: must be in \[1, --max-length = 512\]"),
+    ("dpo", {"max_prompt_length": 600}, r"--max-prompt-length 600: must be in \[1, --max-length = 512\]"),
+    ("dpo", {"eval_size": -1}, r"--eval-size -1: must be >= 0"),
+    ("dpo", {"total_steps": -1}, r"--total-steps -1: must be >= 0"),
+    ("dpo", {"warmup_steps": -2}, r"--warmup-steps -2: must be >= 0"),
+    ("dpo", {"keep_checkpoints": 0}, r"--keep-checkpoints 0: must be >= 1"),
+    ("dpo", {"skip_nonfinite_steps": -1}, r"--skip-nonfinite-steps -1: must be >= 0"),
+    ("dpo", {"beta": 0.0}, r"--beta 0.0: must be > 0"),
+    ("dpo", {"beta": NAN}, r"--beta nan: must be > 0"),
+    ("dpo", {"label_smoothing": 0.6}, r"--label-smoothing 0.6: must be in \[0, 0.5\)"),
+    ("dpo", {"rpo_alpha": -0.1}, r"--rpo-alpha -0.1: must be >= 0"),
+    ("dpo", {"resume": True}, r"--resume needs the --output-dir"),
+    ("ppo", {"temperature": 0.0}, r"--temperature 0.0: must be > 0"),
+    ("ppo", {"top_p": 1.5}, r"--top-p 1.5: must be in \(0, 1\]"),
+    ("ppo", {"kl_coef": -0.1}, r"--kl-coef -0.1: must be >= 0"),
+    ("ppo", {"cliprange": NAN}, r"--cliprange nan: must be >= 0"),
+    ("ppo", {"gamma": 1.5}, r"--gamma 1.5: must be in \[0, 1\]"),
+    ("ppo", {"lam": -0.5}, r"--lam -0.5: must be in \[0, 1\]"),
+    ("ppo", {"ppo_epochs": 0}, r"--ppo-epochs 0: must be >= 1"),
+    ("ppo", {"max_new_tokens": 0}, r"--max-new-tokens 0: must be >= 1"),
+    ("ppo", {"missing_eos_penalty": NAN}, r"--missing-eos-penalty nan: must be finite"),
+    ("ppo", {"max_prompt_length": 250}, r"--max-prompt-length 250: must be in \[1, --max-length - --max-new-tokens"),
+    ("ppo", {"batch_size": 3, "num_minibatches": 2}, r"--batch-size 3 must be divisible"),
+]
+
+
+@pytest.mark.parametrize("script,kw,match", FLAG_TABLE)
+def test_every_flag_is_validated_with_one_line(script, kw, match):
+    Args = importlib.import_module(script).Args
+    with pytest.raises(UserError, match=match):
+        Args(**kw).validate()
+
+
+def test_defaults_follow_the_flags_the_user_set():
+    from dpo import Args
+    from ppo import Args as PPOArgs
+    a = Args(max_length=96)
+    a.validate()  # --max-length alone always runs: the prompt limit follows it
+    assert a.max_prompt_length == 48
+    p = PPOArgs(max_length=64, max_new_tokens=16)
+    p.validate()
+    assert p.max_prompt_length == 48
+
+
+def test_nothing_is_written_before_the_inputs_are_validated(tiny_model_dir, tmp_path):
+    for kw in ({"dataset": str(tmp_path / "missing.jsonl")}, {"model": str(tmp_path / "no_model")}):
+        with pytest.raises(UserError):
+            DPOTrainer(dpo_args(tiny_model_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out", **kw))
+        assert not (tmp_path / "out").exists()
+
+
+def test_eval_size_zero_means_no_held_out_rows(tiny_model_dir, pairs_file, tmp_path):
+    t = main(dpo_args(tiny_model_dir, pairs_file, tmp_path, eval_size=0, total_steps=1))
+    assert len(t.train_data) == 48 and t.eval_data == []

@@ -78,7 +78,7 @@ def worker_ours(spec: dict) -> dict:
 
     n_steps = spec["warmup_steps"] + spec["timed_steps"]
     kwargs = dict(model=spec["model"], dataset=spec["prompts"], eval_dataset=spec["eval_prompts"],
-                  reward_fn="common:arithmetic_reward", output_dir=spec["output_dir"], total_steps=n_steps,
+                  reward_fn="tasks:reward", output_dir=spec["output_dir"], total_steps=n_steps,
                   batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
                   temperature=spec["temperature"], top_p=1.0, ppo_epochs=2, num_minibatches=1,
                   gradient_accumulation_steps=1, precision="bf16", seed=1, log_every=10 ** 9, eval_every=0)
@@ -122,10 +122,10 @@ def worker_trl(spec: dict) -> dict:
     notes = []
     sys.path.insert(0, str(REPO))
     try:  # the very function ours scores with; common.py needs only torch, which this venv has
-        from common import arithmetic_reward
+        from tasks import reward as arithmetic_reward
     except ImportError as e:  # an identical copy (first integer of the reply == answer), and the table says so
         import re
-        notes.append(f"common.py not importable here ({e}); the reward is a copy of common.arithmetic_reward")
+        notes.append(f"tasks.py not importable here ({e}); the reward is a copy of tasks.reward")
 
         def arithmetic_reward(prompts, completions, answer, **_):
             firsts = [re.search(r"-?\d+", c) for c in completions]
@@ -304,8 +304,8 @@ def render(results: dict, runs: list[str], meta: dict) -> str:
              f"transformers {meta['transformers']} (ours) / {meta.get('trl_transformers', '?')} (TRL)")
     L.append(f"- model: {meta['model']} (the same directory for both sides), fp32 master weights, bf16 autocast on "
              f"both sides (TRL: `bf16=True`) unless the label says fp32")
-    L.append(f"- prompts: the built-in arithmetic task's training prompts (`common.arithmetic_questions(held_out="
-             f"False)`, chat messages from `common.arithmetic_prompt`, all {meta['prompt_tokens']} tokens after the "
+    L.append(f"- prompts: the built-in arithmetic task's training prompts (`tasks.questions(\"arithmetic\", held_out="
+             f"False)`, chat messages from `tasks.prompt`, all {meta['prompt_tokens']} tokens after the "
              f"chat template), written to one file in order; TRL reads it with `shuffle_dataset=False`")
     if meta["ours_prompts"] == "grouped":
         who = (f"both sides: {bs // g} prompts x {g} completions each (TRL: `num_generations={g}`; ours: the same "
@@ -319,7 +319,7 @@ def render(results: dict, runs: list[str], meta: dict) -> str:
     L.append(f"- sampling: temperature {meta['temperature']}, top_p 1, top_k off, at most {meta['max_new_tokens']} "
              f"new tokens (ours `--max-new-tokens`, TRL `max_completion_length`), stopping at EOS; the generated "
              f"tokens per iteration are measured (EOS included) and shown")
-    L.append("- reward: `common.arithmetic_reward` (1.0 if the first integer of the reply is the sum) on both sides; "
+    L.append("- reward: `tasks.reward` (1.0 if the first integer of the reply is the sum) on both sides; "
              "TRL gets a wrapper that takes the text out of its chat-message completions")
     L.append("- updates per iteration: 2 optimizer steps over all episodes on both sides (ours: `--ppo-epochs 2 "
              f"--num-minibatches 1`; TRL: `per_device_train_batch_size={bs}, gradient_accumulation_steps=1, "
@@ -446,7 +446,8 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from common import arithmetic_prompt, arithmetic_questions, bundled_model_dir, encode_prompt
+    import tasks
+    from common import bundled_model_dir, encode_prompt
     model_dir = a.model or str(bundled_model_dir())
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_ppo_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -455,9 +456,8 @@ def main() -> None:
     # ours' trainer refuses a file with fewer rows than one batch (its own sampler, replaced here, needs them)
     n_prompts = max((a.batch_size if a.ours_prompts == "distinct" else per_iter) * n_steps, a.batch_size)
     # the training questions in their fixed order, cycled as often as needed; TRL reads the first per_iter x n_steps
-    questions = arithmetic_questions(held_out=False)
-    rows = [{"prompt": arithmetic_prompt(x, y), "answer": x + y}
-            for x, y in (questions[i % len(questions)] for i in range(n_prompts))]
+    questions = tasks.questions("arithmetic", held_out=False)
+    rows = [{"prompt": tasks.prompt(q), "answer": sum(q)} for q in (questions[i % len(questions)] for i in range(n_prompts))]
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "eval_prompts.jsonl").write_text(json.dumps(rows[0]) + "\n")  # ours needs an eval set; never run
     if a.ours_prompts == "grouped":  # TRL's RepeatSampler order: each prompt num_generations times in a row

@@ -1,6 +1,5 @@
 """Nothing lost: damaged checkpoints, a full disk, kill -9 mid-write, SIGTERM mid-training, then --resume."""
 import errno
-import json
 import os
 import shutil
 import signal

@@ -90,6 +90,14 @@ class TrainArgs:
     """bf16 = autocast with fp32 master weights (pays off on CPUs with bf16 matmuls too); fp32 = exact"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 = full fine-tuning. Under LoRA the reference model is the base with adapters disabled"""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / r); default 2 x --lora-r"""
+    lora_dropout: float = 0.0
+    """dropout on the LoRA path; 0 keeps the step-0 policy equal to its reference"""
+    lora_target_modules: list[str] | None = None
+    """module names to adapt (e.g. q_proj v_proj); default: every linear layer of the decoder"""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """under torchrun: ddp replicates the model; fsdp shards parameters, gradients and optimizer state (FSDP2)"""
     log_every: int = 10
@@ -125,6 +133,10 @@ class TrainArgs:
         check_flag(self, "adam_eps", self.adam_eps > 0, "must be finite and > 0")
         check_flag(self, "weight_decay", self.weight_decay >= 0, "must be finite and >= 0")
         check_flag(self, "max_grad_norm", self.max_grad_norm >= 0, "must be finite and >= 0 (0 = no clipping)")
+        check_flag(self, "lora_r", self.lora_r >= 0, "must be >= 0 (0 = off)")
+        check_flag(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
+        if self.lora_alpha is not None:
+            check_flag(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
         if self.resume and not self.output_dir:
             raise UserError("--resume needs the --output-dir of the run to continue")
         limit = self.max_length - getattr(self, "max_new_tokens", 0)
@@ -350,6 +362,34 @@ def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, 
     return model
 
 
+def add_lora(model: nn.Module, args: TrainArgs, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap the model in peft LoRA adapters (a no-op with --lora-r 0): only the adapters (and, for a sequence
+    classifier, its score head) train; the base weights stay frozen."""
+    if not args.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or "all-linear", task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise UserError(f"--lora-r {args.lora_r} --lora-target-modules {args.lora_target_modules or 'all-linear'}: "
+                        f"peft cannot wrap {type(model).__name__} ({str(e).splitlines()[0]})") from None
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The HF model under DDP and peft wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model of a LoRA-wrapped one: the reference policy under LoRA, at no memory cost."""
+    with getattr(model, "module", model).disable_adapter():
+        yield
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -524,12 +564,13 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
                               else None, top_p=top_p if sample else None, top_k=0 if sample else None,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    saved, model.generation_config = model.generation_config, GenerationConfig()  # the model's own fills no gaps
+    owner = base_of(model)
+    saved, owner.generation_config = owner.generation_config, GenerationConfig()  # the model's own fills no gaps
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              synced_gpus=synced)
     finally:
-        model.generation_config = saved
+        owner.generation_config = saved
     return truncate_after_eos(out[:, input_ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)
 
 
@@ -918,27 +959,35 @@ class BaseTrainer(ABC):
         self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, "train")
 
     # --- checkpoints and export -------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """Model and optimizer state for DCP: only what trains (a frozen LoRA base is the model on disk already;
+        tied weights are in named_parameters once)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(ignore_frozen_params=True))
+        if self.args.lora_r:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+        return {"model": model_sd, "optimizer": optim_sd}
+
     def save_checkpoint(self) -> None:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                  "world_size": self.dist.world_size, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps,
                  "args": dataclasses.asdict(self.args)}
-        write_checkpoint(self.output_dir, self.global_step, {"model": model_sd, "optimizer": optim_sd},
-                         self.scheduler.state_dict(), state, self.args.keep_checkpoints)
+        write_checkpoint(self.output_dir, self.global_step, self.checkpoint_state(), self.scheduler.state_dict(), state,
+                         self.args.keep_checkpoints)
 
     def load_checkpoint(self) -> None:
         """The newest complete checkpoint that passes its manifest and loads; a damaged one is named and the
         previous one tried."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         for ckpt in reversed(complete_checkpoints(self.output_dir)):
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-            loaded = read_checkpoint(ckpt, {"model": model_sd, "optimizer": optim_sd}, self.dist.rank)
+            loaded = read_checkpoint(ckpt, self.checkpoint_state(), self.dist.rank)
             if loaded is None:
                 continue
             dcp_state, scheduler, state, rng = loaded
             set_state_dict(self.model, self.optimizer, model_state_dict=dcp_state["model"],
-                           optim_state_dict=dcp_state["optimizer"])
+                           optim_state_dict=dcp_state["optimizer"], options=StateDictOptions(strict=False))
             self.scheduler.load_state_dict(scheduler)
             self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
             self.wandb_id, self.skipped_steps = state.get("wandb_id"), state.get("skipped_steps", 0)
@@ -957,8 +1006,9 @@ class BaseTrainer(ABC):
         rollback_metrics(self.output_dir, 0)
 
     def export(self) -> None:
-        """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final).
-        The full state dict is gathered once (a collective under FSDP) and written by rank 0."""
+        """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
+        under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). The full state
+        dict is gathered once (a collective under FSDP) and written by rank 0."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         error, final = "", self.output_dir / "final"
@@ -966,14 +1016,27 @@ class BaseTrainer(ABC):
             hf = self.hf_model()
             prefix = next(n for n, m in self.model.named_modules() if m is hf)
             prefix = prefix + "." if prefix else ""
+            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             try:
-                hf.save_pretrained(final, state_dict={k[len(prefix):]: v for k, v in full.items()
-                                                      if k.startswith(prefix)}, safe_serialization=True)
+                if hasattr(hf, "peft_config"):
+                    hf.save_pretrained(final / "adapter", state_dict=state)
+                    hf, state = merged_lora_copy(hf, state), None
+                hf.save_pretrained(final, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(final)
                 self.write(f"exported {final}")
             except OSError as e:
                 error = str(os_error("export failed:", final, e))
         agree_on_error(error)
+
+
+def merged_lora_copy(peft_model: nn.Module, state: dict) -> nn.Module:
+    """A CPU copy of a LoRA model with the adapters merged into the base weights (W + scale B A), built from the
+    gathered full state dict, so it works whether the live model is sharded or not."""
+    from peft import get_peft_model
+    base = peft_model.get_base_model()
+    fresh = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
+    fresh.load_state_dict(state)
+    return fresh.merge_and_unload()
 
 
 def seed_everything(seed: int) -> None:

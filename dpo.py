@@ -17,8 +17,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, check_flag, check_text, encode_completion,
-                    encode_prompt, print0, progress, rank_batches, run_main, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, adapters_disabled, add_lora, check_flag,
+                    check_text, encode_completion, encode_prompt, print0, progress, rank_batches, run_main,
+                    train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
@@ -156,14 +157,22 @@ class DPOTrainer(BaseTrainer):
     args: Args
 
     def build_model(self) -> nn.Module:
-        model = super().build_model()
+        model = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(model)
         self.ref_model = None
-        if not self.args.reference_free:
+        if not self.args.reference_free and not self.args.lora_r:  # under LoRA: the base, adapters off
             # identical init on every rank (same seed, same file), frozen, never wrapped or given gradients
             self.ref_model = self.frozen_copy(model)
         return model
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
+        """[2B] log-probs under pi_ref: the frozen copy, or under LoRA the policy itself with its adapters off."""
+        if self.args.lora_r:
+            with adapters_disabled(self.model):
+                return sequence_logps(self.model, batch)
+        return sequence_logps(self.ref_model, batch)
 
     def setup_data(self) -> None:
         a = self.args
@@ -178,7 +187,7 @@ class DPOTrainer(BaseTrainer):
                 raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
         if self.ref_model is not None:
             self.ref_model = self.shard(self.ref_model)  # FSDP: sharded like the policy, never given gradients
-        if self.args.precompute_ref_logps and self.ref_model is not None:
+        if self.args.precompute_ref_logps and not self.args.reference_free:
             self._precompute_reference()
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
@@ -205,7 +214,7 @@ class DPOTrainer(BaseTrainer):
             for mine, n_real in progress(rank_batches(list(range(len(data))), bs, rank, world),
                                          f"reference log-probs ({split})", -(-len(data) // (bs * world))):
                 with self.autocast():
-                    logps = sequence_logps(self.ref_model, self.make_batch([data[i] for i in mine]).to(self.device))
+                    logps = self.reference_logps(self.make_batch([data[i] for i in mine]).to(self.device))
                 logps = logps.cpu()
                 found |= {i: (logps[j].item(), logps[len(mine) + j].item()) for j, i in enumerate(mine[:n_real])}
             shares = [found]
@@ -225,11 +234,10 @@ class DPOTrainer(BaseTrainer):
         policy_logps = sequence_logps(model, batch)  # [2B]
         if "ref_logps" in batch.tensors:
             ref_logps = batch["ref_logps"].to(policy_logps.dtype)
-        elif self.ref_model is not None:
-            with torch.no_grad():
-                ref_logps = sequence_logps(self.ref_model, batch)
-        else:
+        elif self.args.reference_free:
             ref_logps = torch.zeros_like(policy_logps)
+        else:
+            ref_logps = self.reference_logps(batch)
         # RPO: NLL per chosen token, averaged per pair (a per-sample mean keeps accumulation/world-size invariance)
         nll = (-policy_logps.chunk(2)[0] / batch["lengths"].chunk(2)[0]).mean()
         if a.loss_type == LossType.ipo:  # IPO is defined on length-averaged log-probs

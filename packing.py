@@ -41,6 +41,7 @@ _segment_calls = 0
 def supports_logits_to_keep(model: nn.Module) -> bool:
     """transformers >= 5 causal LMs take a boolean logits_to_keep mask: the LM head runs only where it is True."""
     model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's forward takes **kwargs
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

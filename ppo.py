@@ -23,9 +23,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, call_reward_fn,
-                    check_flag, check_text, encode_prompt, generate, left_pad, load_model, load_reward_fn, print0,
-                    progress, rank_batches, run_main, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
+                    add_lora, call_reward_fn, check_flag, check_text, encode_prompt, generate, left_pad, load_model,
+                    load_reward_fn, print0, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
 
 
@@ -109,6 +109,9 @@ class Args(TrainArgs):
             check_flag(self, name, getattr(self, name) >= 1, "must be >= 1")
         if self.missing_eos_penalty is not None:
             check_flag(self, "missing_eos_penalty", True, "must be finite")
+        if self.lora_r and self.critic == CriticType.separate:
+            raise UserError("--critic separate with --lora-r: not supported (the critic would need adapters of its "
+                            "own); use the default --critic value_head, which trains fully")
         if self.reward_fn and self.reward_model:
             raise UserError("pass either --reward-fn or --reward-model, not both")
         if self.batch_size % (self.num_minibatches * self.gradient_accumulation_steps):
@@ -281,10 +284,10 @@ class PPOTrainer(BaseTrainer):
 
     def build_model(self) -> nn.Module:
         a = self.args
-        policy = super().build_model()
+        policy = add_lora(super().build_model(), a)
         if a.padding_free:
             use_segment_attention(policy)  # before the copies: the reference and a policy-based critic inherit it
-        self.ref_policy = self.frozen_copy(policy)
+        self.ref_policy = None if a.lora_r else self.frozen_copy(policy)  # under LoRA: the policy, adapters off
         self.reward_model = None
         if a.reward_model:
             from transformers import AutoModelForSequenceClassification
@@ -323,7 +326,8 @@ class PPOTrainer(BaseTrainer):
             self.reward_fn = tasks.reward
         else:
             raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
-        self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
+        if self.ref_policy is not None:
+            self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
         if tasks.is_task(a.dataset):
             train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
         else:
@@ -414,7 +418,11 @@ class PPOTrainer(BaseTrainer):
         self.model.eval()
         with self.autocast():
             logps, values = self.logps_and_values(self.model, t)
-            ref_logits = kept_logits(self.ref_policy, *self.model_inputs(t))
+            if self.ref_policy is None:
+                with adapters_disabled(self.model.policy):
+                    ref_logits = kept_logits(self.model.policy, *self.model_inputs(t))
+            else:
+                ref_logits = kept_logits(self.ref_policy, *self.model_inputs(t))
         ref_logps = torch.zeros_like(logps).masked_scatter(
             mask.bool(), label_logps(ref_logits, responses[mask.bool()], a.temperature))
         rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)

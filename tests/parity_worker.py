@@ -24,7 +24,8 @@ def worker():
     grads, step = [], trainer.optimizer.step
 
     def capture(*a, **k):  # the synced gradients, after clipping, as the optimizer sees them
-        grads.append({n: full(p.grad).detach().clone() for n, p in trainer.model.named_parameters()})
+        grads.append({n: full(p.grad).detach().clone() for n, p in trainer.model.named_parameters()
+                      if p.grad is not None})
         return step(*a, **k)
     trainer.optimizer.step = capture
     trainer.train()

@@ -88,7 +88,8 @@ def test_truncation_cuts_prompt_left_then_completion_right():
 
 
 @pytest.mark.parametrize("kw", [{}, {"precompute_ref_logps": True}, {"padding_free": False},
-                                {"loss_type": "ipo"}, {"label_smoothing": 0.2}])
+                                {"loss_type": "ipo"}, {"label_smoothing": 0.2}, {"lora_r": 4},
+                                {"lora_r": 4, "precompute_ref_logps": True}])
 def test_step0_eval_is_ln2_with_zero_rewards(tiny_model_dir, pairs_file, tmp_path, kw):
     trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=0, **kw))
     m = trainer.evaluate()
@@ -174,3 +175,22 @@ def test_bundled_model_step0_is_ln2(tmp_path):
     (ev,) = read_metrics(tmp_path)
     assert abs(ev["eval/loss"] - math.log(2)) < 1e-6 and ev["eval/rewards/margins"] == 0
     assert 0 <= ev["eval/greedy_accuracy"] <= 1
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file, tmp_path):
+    """Under LoRA no frozen copy is made; after training, the reference log-probs are still the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo import sequence_logps
+    from packing import use_segment_attention
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, lora_r=4, total_steps=3))
+    assert t.ref_model is None
+    assert all("lora_" in n for n, p in t.model.named_parameters() if p.requires_grad)
+    t.train()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    use_segment_attention(base)
+    batch = t.make_batch(t.eval_data[:2])
+    with torch.no_grad():
+        ref, plain, policy = t.reference_logps(batch), sequence_logps(base, batch), sequence_logps(t.model, batch)
+    torch.testing.assert_close(ref, plain)
+    assert not torch.allclose(ref, policy)  # the adapters trained

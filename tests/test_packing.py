@@ -85,11 +85,20 @@ def test_segment_forward_refuses_a_model_that_ignores_segments():
     with pytest.raises(UserError, match="--no-padding-free"):
         segment_forward(lambda **kw: None, [(0, 2, [(0, 2)])], input_ids=torch.zeros(1, 2, dtype=torch.long))
 
-def test_sequence_logps_fast_paths_equal_naive():
+@pytest.mark.parametrize("lora", [False, True])
+def test_sequence_logps_fast_paths_equal_naive(lora):
     """Packed and padded paths (LM head on completion positions only) vs one-sequence-at-a-time full log_softmax:
-    values and parameter gradients."""
+    values and parameter gradients; also through peft's LoRA wrapper (the adapters' gradients)."""
     tok = build_tokenizer()
     model = build_model(len(tok)).eval()
+    if lora:
+        from types import SimpleNamespace
+
+        from common import add_lora
+        model = add_lora(model, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # B starts at zero: make the adapters matter
+                torch.nn.init.normal_(p, std=0.1)
     use_segment_attention(model)  # the packed path's attention; unpacked forwards fall through to sdpa
     exs = _examples(tok, 4)
     weights = torch.randn(8)
@@ -97,15 +106,19 @@ def test_sequence_logps_fast_paths_equal_naive():
     def grads(logps):
         model.zero_grad()
         (logps * weights).sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     naive = naive_logps(model, tok, exs)
     naive_grads = grads(naive)
+    assert all("lora_" in n for n in naive_grads) == lora and naive_grads
     for padding_free in (True, False):
         fast = sequence_logps(model, collate(exs, tok.pad_token_id, padding_free))
         torch.testing.assert_close(fast, naive.detach(), rtol=1e-5, atol=1e-5)
-        for n, g in grads(fast).items():  # atol: fp32 summation-order noise relative to the gradient's scale
+        fast_grads = grads(fast)
+        assert fast_grads.keys() == naive_grads.keys()
+        for n, g in fast_grads.items():  # atol: fp32 summation-order noise relative to the gradient's scale
             scale = naive_grads[n].abs().max().item()
             torch.testing.assert_close(g, naive_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+
 
 def test_padding_free_refuses_a_sliding_window_it_would_ignore():
     """A sliding window shorter than a packed sequence changes the attention; segment_attention must not drop it."""

@@ -327,3 +327,15 @@ def test_reward_head_of_several_outputs_is_refused(tiny_model_dir, prompt_file, 
     with pytest.raises(UserError, match=r"--reward-model: its `score` head has 2 outputs"):
         PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path / "out", reward_fn=None,
                          reward_model=str(tmp_path / "rm"), critic="separate"))
+
+
+def test_lora_run_reference_is_the_base_and_value_head_trains(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(prompt_file))
+    t = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, lora_r=4, total_steps=2))
+    assert t.ref_policy is None
+    trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert "value_head.weight" in trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+    t.train()
+    first = [m for m in read_metrics(tmp_path) if "train/objective/kl" in m][0]
+    assert first["train/objective/kl"] == pytest.approx(0.0, abs=1e-5)  # step 1's rollout: policy == base
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").exists()

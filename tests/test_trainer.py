@@ -191,6 +191,10 @@ FLAG_TABLE = [
     ("dpo", {"label_smoothing": 0.6}, r"--label-smoothing 0.6: must be in \[0, 0.5\)"),
     ("dpo", {"rpo_alpha": -0.1}, r"--rpo-alpha -0.1: must be >= 0"),
     ("dpo", {"resume": True}, r"--resume needs the --output-dir"),
+    ("dpo", {"lora_r": -4}, r"--lora-r -4: must be >= 0"),
+    ("dpo", {"lora_dropout": 1.0}, r"--lora-dropout 1.0: must be in \[0, 1\)"),
+    ("dpo", {"lora_alpha": 0.0}, r"--lora-alpha 0.0: must be > 0"),
+    ("ppo", {"lora_r": 8, "critic": "separate"}, r"--critic separate with --lora-r: not supported"),
     ("ppo", {"temperature": 0.0}, r"--temperature 0.0: must be > 0"),
     ("ppo", {"top_p": 1.5}, r"--top-p 1.5: must be in \(0, 1\]"),
     ("ppo", {"kl_coef": -0.1}, r"--kl-coef -0.1: must be >= 0"),
@@ -233,3 +237,10 @@ def test_nothing_is_written_before_the_inputs_are_validated(tiny_model_dir, tmp_
 def test_eval_size_zero_means_no_held_out_rows(tiny_model_dir, pairs_file, tmp_path):
     t = main(dpo_args(tiny_model_dir, pairs_file, tmp_path, eval_size=0, total_steps=1))
     assert len(t.train_data) == 48 and t.eval_data == []
+
+
+def test_lora_target_that_matches_nothing_is_one_line(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(UserError, match=r"--lora-r 4 --lora-target-modules \['no_such_proj'\]: peft cannot wrap"):
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", lora_r=4,
+                            lora_target_modules=["no_such_proj"]))
+    assert not (tmp_path / "out").exists()

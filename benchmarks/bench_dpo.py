@@ -58,13 +58,23 @@ CONFIGS = {
                          ours_args={"gradient_checkpointing": True}),
     "trl-bf16-nogc": dict(side="trl", precision="bf16", label="TRL bf16 gradient_checkpointing=False",
                           trl_kwargs={"gradient_checkpointing": False}),
+    # LoRA r=16 (alpha 32, dropout 0, every linear layer of the decoder) on both sides: `--configs lora`
+    "ours-bf16-lora": dict(side="ours", precision="bf16", label="ours bf16 --lora-r 16", ours_args={"lora_r": 16},
+                           lora=True),
+    "trl-bf16-lora": dict(side="trl", precision="bf16", label="TRL defaults bf16 + the same peft LoraConfig",
+                          trl_kwargs={}, lora=True),
+    "trl-bf16-lora-best": dict(side="trl", precision="bf16", label="TRL best bf16 + the same peft LoraConfig",
+                               trl_kwargs=TRL_BEST, lora=True),
 }
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+GROUPS = {"lora": ["ours-bf16", "ours-bf16-lora", "trl-bf16-lora", "trl-bf16-lora-best"]}
 DEFAULT_ORDER = ["ours-fp32", "trl-fp32", "ours-fp32-pre", "trl-fp32-best", "ours-bf16", "trl-bf16", "ours-bf16-pre",
                  "trl-best", "ours-bf16-pre-padded", "ours-bf16-pre-stock"]
 # (ours, TRL) pairs for the ratio table
 PAIRS = [("ours-fp32", "trl-fp32"), ("ours-fp32-pre", "trl-fp32"), ("ours-fp32-pre", "trl-fp32-best"),
          ("ours-bf16", "trl-bf16"), ("ours-bf16-pre", "trl-bf16"), ("ours-bf16-pre", "trl-best"),
-         ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16")]
+         ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16"), ("ours-bf16-lora", "trl-bf16-lora"),
+         ("ours-bf16-lora", "trl-bf16-lora-best"), ("ours-bf16-lora", "ours-bf16")]
 
 
 def ref_in_step(cfg: dict) -> bool:
@@ -200,6 +210,10 @@ def worker_trl(spec: dict) -> dict:
                   seed=1, use_cpu=not torch.cuda.is_available())  # bf16 on CPU needs use_cpu (else an error)
     kwargs.update(spec["trl_kwargs"])
     config = DPOConfig(**kwargs)
+    peft_config = None
+    if spec["lora"]:
+        from peft import LoraConfig
+        peft_config = LoraConfig(**LORA)
     state = {"times": [], "tokens": [], "precompute_s": None, "reset_ok": False, "t_prev": None}
 
     class TimedDPOTrainer(DPOTrainer):
@@ -228,7 +242,7 @@ def worker_trl(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     trainer = TimedDPOTrainer(model=spec["model"], args=config, train_dataset=ds, processing_class=tok,
-                              callbacks=[StepTimer()])
+                              callbacks=[StepTimer()], peft_config=peft_config)
     setup_s = time.perf_counter() - t0
     if len(trainer.train_dataset) != spec["num_rows"]:
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {spec['num_rows']} rows")
@@ -319,7 +333,7 @@ def loadavg() -> str:
 def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int) -> dict:
     spec = dict(base_spec, name=name, precision=cfg["precision"], ours_args=cfg.get("ours_args", {}),
                 stock=cfg.get("stock", False),
-                trl_kwargs=cfg.get("trl_kwargs", {}), output_dir=str(work / f"out-{name}"))
+                trl_kwargs=cfg.get("trl_kwargs", {}), lora=cfg.get("lora", False), output_dir=str(work / f"out-{name}"))
     spec_file, result_file, log_file = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", WANDB_MODE="disabled",
@@ -350,7 +364,8 @@ def summarize(res: dict, cfg: dict, warmup: int, n_params: int, peaks: dict) -> 
     timed, toks = res["step_s"][warmup:], res["tokens"][warmup:]
     med = statistics.median(timed)
     t_mean = sum(toks) / len(toks)
-    coef = 8 if ref_in_step(cfg) else 6
+    # LoRA: the frozen weights need no weight gradients, so the backward costs 2NT instead of 4NT
+    coef = (4 if cfg.get("lora") else 6) + 2 * ref_in_step(cfg)
     flops = coef * n_params * t_mean
     computed = res.get("computed_tokens", res["tokens"])[warmup:]  # TRL: every non-pad token goes through
     c_mean = sum(computed) / len(computed)
@@ -516,7 +531,7 @@ def main() -> None:
         Path(a.result).write_text(json.dumps(res))
         return
 
-    order = [c.strip() for c in a.configs.split(",") if c.strip()]
+    order = [n for c in a.configs.split(",") if c.strip() for n in GROUPS.get(c.strip(), [c.strip()])]
     unknown = [c for c in order if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")

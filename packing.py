@@ -67,7 +67,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """Attention of a packed row, one sdpa call per segment. query [1, H, L, D], key/value [1, H_kv, L, D].
 
     attn_segments: (q_start, q_end, kv_spans) blocks covering the row in order; the queries attend the concatenated
-    kv_spans causally, aligned at the end (query i sees keys up to i + len(kv) - len(q))."""
+    kv_spans causally, aligned at the end (query i sees keys up to i + len(kv) - len(q)). Every kv span is itself a
+    block (pack_prefix_tree: a trie node's ancestors, then the node)."""
     global _segment_calls
     if attn_segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -90,14 +91,19 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         query, key, value = query.float(), key.float(), value.float()
     out = []
     with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
-        for q0, q1, spans in attn_segments:
-            k, v = (torch.cat([t[:, :, a:b] for a, b in spans], dim=2) for t in (key, value))
+        # split, not slice: the backward of each slice would allocate and zero a row-sized gradient, the backward of
+        # one split concatenates the pieces' gradients once
+        sizes = [q1 - q0 for q0, q1, _ in attn_segments]
+        qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
+        piece = {(q0, q1): i for i, (q0, q1, _) in enumerate(attn_segments)}
+        for i, (q0, q1, spans) in enumerate(attn_segments):
+            k, v = (torch.cat([p[piece[s]] for s in spans], dim=2) if len(spans) > 1 else p[i] for p in (ks, vs))
             lq, lk = q1 - q0, k.shape[2]
             mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
             gqa = n_rep > 1
             if gqa and mask is not None and query.is_cuda:  # CUDA's fused kernels take a mask or GQA, not both
                 k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
-            out.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=mask, is_causal=mask is None,
+            out.append(F.scaled_dot_product_attention(qs[i], k, v, attn_mask=mask, is_causal=mask is None,
                                                       dropout_p=dropout, scale=scaling, enable_gqa=gqa))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
 

@@ -61,20 +61,23 @@ CONFIGS = {
     # LoRA r=16 (alpha 32, dropout 0, every linear layer of the decoder) on both sides: `--configs lora`
     "ours-bf16-lora": dict(side="ours", precision="bf16", label="ours bf16 --lora-r 16", ours_args={"lora_r": 16},
                            lora=True),
+    "ours-bf16-lora-gc": dict(side="ours", precision="bf16", label="ours bf16 --lora-r 16 --gradient-checkpointing "
+                              "(TRL's default)", ours_args={"lora_r": 16, "gradient_checkpointing": True}, lora=True),
     "trl-bf16-lora": dict(side="trl", precision="bf16", label="TRL defaults bf16 + the same peft LoraConfig",
                           trl_kwargs={}, lora=True),
     "trl-bf16-lora-best": dict(side="trl", precision="bf16", label="TRL best bf16 + the same peft LoraConfig",
                                trl_kwargs=TRL_BEST, lora=True),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-GROUPS = {"lora": ["ours-bf16", "ours-bf16-lora", "trl-bf16-lora", "trl-bf16-lora-best"]}
+GROUPS = {"lora": ["ours-bf16", "ours-bf16-lora", "trl-bf16-lora", "ours-bf16-lora-gc", "trl-bf16-lora-best"]}
 DEFAULT_ORDER = ["ours-fp32", "trl-fp32", "ours-fp32-pre", "trl-fp32-best", "ours-bf16", "trl-bf16", "ours-bf16-pre",
                  "trl-best", "ours-bf16-pre-padded", "ours-bf16-pre-stock"]
 # (ours, TRL) pairs for the ratio table
 PAIRS = [("ours-fp32", "trl-fp32"), ("ours-fp32-pre", "trl-fp32"), ("ours-fp32-pre", "trl-fp32-best"),
          ("ours-bf16", "trl-bf16"), ("ours-bf16-pre", "trl-bf16"), ("ours-bf16-pre", "trl-best"),
          ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16"), ("ours-bf16-lora", "trl-bf16-lora"),
-         ("ours-bf16-lora", "trl-bf16-lora-best"), ("ours-bf16-lora", "ours-bf16")]
+         ("ours-bf16-lora", "trl-bf16-lora-best"), ("ours-bf16-lora-gc", "trl-bf16-lora"),
+         ("ours-bf16-lora", "ours-bf16")]
 
 
 def ref_in_step(cfg: dict) -> bool:

@@ -290,6 +290,9 @@ class PPOTrainer(BaseTrainer):
             from transformers import AutoModelForSequenceClassification
             self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
                                            auto_class=AutoModelForSequenceClassification, flag="--reward-model")
+            if not any(x.endswith("ForSequenceClassification") for x in self.reward_model.config.architectures or []):
+                raise UserError(f"--reward-model {a.reward_model}: not a sequence classifier (its config says "
+                                f"{self.reward_model.config.architectures}); train one with reward.py")
             reward_head(self.reward_model)  # refuses heads of several outputs
             self.reward_model.eval().requires_grad_(False).to(self.device)
             if self.reward_model.config.vocab_size != policy.config.vocab_size:

@@ -98,3 +98,20 @@ def test_bad_rows(tiny_model_dir, tmp_path, row, match):
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="--center-rewards-coefficient -1.0: must be >= 0"):
         main(script_args("reward", tiny_model_dir, str(bad), tmp_path / "out", center_rewards_coefficient=-1.0))
+
+
+def test_ppo_with_a_reward_model_reports_verifier_accuracy(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """On the built-in task, ppo.py --reward-model trains on the model's scores but eval/greedy_accuracy is the
+    verifier's verdict on the greedy replies, not the mean reward-model score."""
+    import tasks
+    from ppo import Args, PPOTrainer
+    from reward import main
+    main(script_args("reward", tiny_model_dir, pairs_file, tmp_path / "rm", total_steps=1))
+    t = PPOTrainer(Args(model=tiny_model_dir, dataset="arithmetic", reward_model=str(tmp_path / "rm" / "final"),
+                        output_dir=str(tmp_path / "ppo"), precision="fp32", batch_size=16, total_steps=1,
+                        max_length=64, max_new_tokens=4))
+    verdicts = []
+    monkeypatch.setattr(tasks, "reward", lambda p, c, answer: verdicts.append(len(c)) or [1.0] * len(c))
+    metrics = t.evaluate()
+    assert metrics["greedy_accuracy"] == 1.0 and metrics["scores"] != 1.0
+    assert sum(verdicts) == len(tasks.questions("arithmetic", held_out=True))

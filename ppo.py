@@ -293,6 +293,9 @@ class PPOTrainer(BaseTrainer):
             from transformers import AutoModelForSequenceClassification
             self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
                                            auto_class=AutoModelForSequenceClassification, flag="--reward-model")
+            if not any(x.endswith("ForSequenceClassification") for x in self.reward_model.config.architectures or []):
+                raise UserError(f"--reward-model {a.reward_model}: not a sequence classifier (its config says "
+                                f"{self.reward_model.config.architectures}); train one with reward.py")
             reward_head(self.reward_model)  # refuses heads of several outputs
             self.reward_model.eval().requires_grad_(False).to(self.device)
             if self.reward_model.config.vocab_size != policy.config.vocab_size:
@@ -509,18 +512,20 @@ class PPOTrainer(BaseTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy responses to the eval prompts, scored by the reward; on the built-in task the mean score is the
-        held-out greedy accuracy. Batches are split across ranks like training batches."""
+        """Greedy responses to the eval prompts, scored by the reward; on the built-in task also by its verifier (the
+        held-out greedy accuracy). Batches are split across ranks like training batches."""
         window, data = MetricWindow(), self.eval_data
         batches = rank_batches(data, self.args.batch_size, self.dist.rank, self.dist.world_size)
         for mine, n_real in progress(batches, "eval", -(-len(data) // (self.args.batch_size * self.dist.world_size))):
             prompts, responses, mask, _ = self.generate(mine, greedy=True)
             scores = self.score(mine, prompts, responses, mask)
-            window.add({"scores": scores.mean(), "response_length": mask.sum(1).mean()}, n_real)
-        metrics = window.reduce(self.device, rates=False)
-        if tasks.is_task(self.args.dataset):
-            metrics["greedy_accuracy"] = metrics["scores"]
-        return metrics
+            batch_metrics = {"scores": scores.mean(), "response_length": mask.sum(1).mean()}
+            if tasks.is_task(self.args.dataset):  # the verifier, also when a reward model or function trains
+                texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+                correct = tasks.reward(None, texts, [e["fields"]["answer"] for e in mine])
+                batch_metrics["greedy_accuracy"] = sum(correct) / len(correct)
+            window.add(batch_metrics, n_real)
+        return window.reduce(self.device, rates=False)
 
 
 def main(args: Args | None = None) -> PPOTrainer:

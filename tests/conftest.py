@@ -129,3 +129,35 @@ def capture_grads(trainer):
         return step(*a, **k)
     trainer.optimizer.step = wrapped
     return grads
+
+
+def write_sft_rows(path: Path, n: int, seed: int = 0) -> str:
+    """SFT rows of both forms: prompt/completion strings and multi-turn conversations of varying length."""
+    rng = random.Random(seed)
+    words = "the a cat dog sat ran on mat up down red blue".split()
+    say = lambda lo, hi: " ".join(rng.choices(words, k=rng.randint(lo, hi)))  # noqa: E731
+    with open(path, "w") as f:
+        for i in range(n):
+            if i % 2:
+                msgs = [{"role": "system", "content": "be terse"}] if i % 3 else []
+                for _ in range(rng.randint(1, 3)):
+                    msgs += [{"role": "user", "content": say(2, 8)}, {"role": "assistant", "content": say(1, 6)}]
+                row = {"messages": msgs}
+            else:
+                row = {"prompt": say(3, 10), "completion": " " + say(1, 8)}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory):
+    return write_sft_rows(tmp_path_factory.mktemp("data") / "sft.jsonl", 48)
+
+
+def script_args(script: str, model, data, out, **kw):
+    """Args of sft.py / reward.py for in-process runs on the tiny model."""
+    import importlib
+    base = dict(model=model, dataset=data, output_dir=str(out), precision="fp32", batch_size=4, total_steps=3,
+                learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0, max_length=64,
+                max_prompt_length=32, seed=3)
+    return importlib.import_module(script).Args(**(base | kw))

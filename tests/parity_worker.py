@@ -1,8 +1,10 @@
-"""Run DPO and save what each optimizer step saw plus the final weights (for the world-size/strategy parity tests).
+"""Run a script's trainer and save what each optimizer step saw plus the final weights (for the world-size/strategy
+parity tests). The script defaults to dpo.
 
-    python tests/parity_worker.py OUT.pt [dpo.py flags]
-    torchrun --nproc_per_node 2 tests/parity_worker.py OUT.pt --strategy fsdp [dpo.py flags]
+    python tests/parity_worker.py OUT.pt [SCRIPT] [its flags]
+    torchrun --nproc_per_node 2 tests/parity_worker.py OUT.pt sft --strategy fsdp [sft.py flags]
 """
+import importlib
 import sys
 from pathlib import Path
 
@@ -10,8 +12,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import run_main  # noqa: E402
-from dpo import Args, DPOTrainer  # noqa: E402
+from common import BaseTrainer, run_main  # noqa: E402
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -19,8 +20,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def worker():
-    out, args = sys.argv[1], tyro.cli(Args, args=sys.argv[2:])
-    trainer = DPOTrainer(args)
+    out, rest = sys.argv[1], sys.argv[2:]
+    script = rest.pop(0) if rest and not rest[0].startswith("-") else "dpo"
+    module = importlib.import_module(script)
+    trainer_cls = next(v for v in vars(module).values()
+                       if isinstance(v, type) and issubclass(v, BaseTrainer) and v is not BaseTrainer)
+    trainer = trainer_cls(tyro.cli(module.Args, args=rest))
     grads, step = [], trainer.optimizer.step
 
     def capture(*a, **k):  # the synced gradients, after clipping, as the optimizer sees them

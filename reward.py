@@ -1,0 +1,206 @@
+"""Reward model training: a Bradley-Terry model of pairwise preferences (Ouyang et al. 2022, eq. 1,
+https://arxiv.org/abs/2203.02155), one file.
+
+    python reward.py                                # bundled SmolLM2-135M-Instruct on the built-in arithmetic pairs
+    python reward.py --dataset ../shared/data/hh_harmless_test.jsonl --max-length 256
+    torchrun --nproc_per_node 8 reward.py --model path/to/sft_model --dataset prefs.jsonl
+
+Rows are {"prompt", "chosen", "rejected"} as in dpo.py, with an optional numeric "margin" (Llama 2's margin loss).
+The model is an AutoModelForSequenceClassification with one output built from a causal-LM checkpoint (its new head
+initialised with std 1/sqrt(hidden + 1), as the N+ implementation details do); the reward of a sequence is the head
+applied to the hidden state of its last token (the completion's EOS). output_dir/final loads with
+AutoModelForSequenceClassification.from_pretrained and is what `ppo.py --reward-model` reads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+
+import tasks
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, check_flag, check_text, encode_completion,
+                    encode_prompt, load_model, print0, run_main, train_eval_rows)
+from packing import pack_prefix_tree, segment_forward, use_segment_attention
+
+
+@dataclass
+class Args(TrainArgs):
+    center_rewards_coefficient: float = 0.0
+    """weight of mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023; TRL's
+    name); 0 = off"""
+    padding_free: bool = True
+    """pack each micro-batch into one row in which each prompt appears once, shared by its chosen and rejected
+    completion (exact; needs a transformers model with AttentionInterface attention); --no-padding-free pads"""
+    learning_rate: float = 1e-5
+    """peak AdamW learning rate"""
+    total_steps: int = 60
+    """optimizer steps (0 = run only the step-0 eval)"""
+    warmup_steps: int = 5
+    """linear warm-up steps of the scheduler"""
+    eval_every: int = 20
+    """steps between evals (0 = only at start and end)"""
+    log_every: int = 5
+    """steps between log lines / metrics.jsonl records"""
+
+    def validate(self) -> None:
+        super().validate()
+        check_flag(self, "center_rewards_coefficient", self.center_rewards_coefficient >= 0, "must be >= 0")
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,  # [B] r(x, y_w)
+    rejected_rewards: torch.Tensor,  # [B] r(x, y_l)
+    margin: torch.Tensor | None = None,  # [B] required reward gap (Llama 2, eq. 2), or None
+    center_rewards_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair losses [B]: -log sigmoid(r_w - r_l - margin) (Bradley-Terry, InstructGPT eq. 1), plus
+    coef * (r_w + r_l)^2, whose mean over the batch is TRL's reward-centring term."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff) + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
+
+
+class RewardModel(nn.Module):
+    """The sequence classifier, called through one forward (so DDP/FSDP see it) that scores each sequence at its last
+    token: transformers' own pooling finds the last token that is not pad, which is wrong when pad == EOS."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def head(self) -> nn.Linear:
+        for name in ("score", "classifier"):
+            if isinstance(getattr(self.classifier, name, None), nn.Linear):
+                return getattr(self.classifier, name)
+        raise UserError(f"--model: {type(self.classifier).__name__} has no linear `score`/`classifier` head")
+
+    def forward(self, t: dict[str, torch.Tensor], segments: list | None = None) -> torch.Tensor:
+        """-> rewards [N] fp32: the head on the hidden state at t["last"] (flat indices into the [rows x T] batch)."""
+        inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
+        backbone = self.classifier.base_model
+        run = backbone if segments is None else partial(segment_forward, backbone, segments)
+        hidden = run(**inputs, use_cache=False).last_hidden_state  # [rows, T, H]
+        last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, t["last"])
+        return self.head()(last)[:, 0].float()
+
+
+def tokenize_pair(tok, row: dict, max_length: int, max_prompt_length: int) -> tuple[dict | None, bool]:
+    """-> ({prompt, chosen, rejected} token ids, truncated?) or (None, True) if a completion would vanish (dpo.py)."""
+    prompt = encode_prompt(tok, row["prompt"])
+    chosen, rejected = encode_completion(tok, row["chosen"]), encode_completion(tok, row["rejected"])
+    truncated = len(prompt) > max_prompt_length
+    prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    truncated |= len(chosen) > room or len(rejected) > room
+    chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
+    if not chosen or not rejected:
+        return None, True
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, truncated
+
+
+def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
+    """Chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B]) in one forward; t["last"] indexes each
+    sequence's last token (its EOS unless truncated) in the flattened [rows x T] hidden states, found from lengths,
+    never from pad ids (pad == EOS in SmolLM2).
+
+    padding_free: one packed row in which each prompt appears once, both completions continuing from it. Each
+    sequence gets a sentinel token appended so that pack_prefix_tree reports the packed position predicting it,
+    i.e. the sequence's last real token; the sentinels are leaves of the trie, so no real token attends to them."""
+    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in examples]
+    segments = None
+    if padding_free:
+        tensors, segments = pack_prefix_tree([s + [0] for s in seqs], [len(s) for s in seqs])
+        tensors["last"] = tensors.pop("keep")[0].nonzero()[:, 0][tensors.pop("logit_index")]
+    else:
+        width = max(map(len, seqs))
+        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
+                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                   "last": torch.tensor([i * width + len(s) - 1 for i, s in enumerate(seqs)])}
+    tensors["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
+                 row_ids=[e["loc"] for e in examples], segments=segments)
+
+
+class RewardTrainer(BaseTrainer):
+    script_name = "reward"
+    summary_keys = ("loss", "accuracy", "margin")
+    args: Args
+
+    def build_model(self) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+        a = self.args
+        one_label = type("OneLabel", (), {"from_pretrained": staticmethod(
+            partial(AutoModelForSequenceClassification.from_pretrained, num_labels=1))})
+        classifier = load_model(a.model, a.trust_remote_code, self.dist.local_rank, auto_class=one_label)
+        archs = classifier.config.architectures or []
+        model = RewardModel(classifier)
+        if not any(x.endswith("ForSequenceClassification") for x in archs):  # a causal LM: the head is new
+            head = model.head()
+            nn.init.normal_(head.weight, std=1 / math.sqrt(classifier.config.hidden_size + 1))  # N+ detail
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+        classifier.config.pad_token_id = self.tokenizer.pad_token_id  # ppo.py and HF pooling read it
+        if a.padding_free:
+            use_segment_attention(classifier)
+        return model
+
+    def hf_model(self) -> nn.Module:
+        return self.model.classifier
+
+    def setup_data(self) -> None:
+        a = self.args
+        if tasks.is_task(a.dataset):
+            train_rows, eval_rows = tasks.preference_rows(a.dataset, False), tasks.preference_rows(a.dataset, True)
+        else:
+            train_rows, eval_rows = train_eval_rows(a)
+        self.train_data = self._tokenize(train_rows, "train")
+        self.eval_data = self._tokenize(eval_rows, "eval")
+        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
+            if not data and (data is self.train_data or eval_rows):
+                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+
+    def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
+        out, truncated, dropped = [], 0, 0
+        for loc, row in rows:
+            for key in ("prompt", "chosen", "rejected"):
+                check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
+            margin = row.get("margin", 0.0)
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
+            ex, cut = tokenize_pair(self.tokenizer, row, self.args.max_length, self.args.max_prompt_length)
+            truncated += cut and ex is not None
+            dropped += ex is None
+            if ex is not None:
+                out.append(ex | {"loc": loc, "margin": float(margin)})
+        print0(f"{split}: {len(out)} pairs ({truncated} truncated, {dropped} dropped: a completion would vanish "
+               f"within --max-length {self.args.max_length})")
+        return out
+
+    def make_batch(self, examples: list[dict]) -> Batch:
+        return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        rewards = model(batch.tensors, batch.segments)  # [2B]
+        chosen, rejected = rewards.chunk(2)
+        loss = reward_loss(chosen, rejected, batch["margin"], self.args.center_rewards_coefficient).mean()
+        chosen, rejected = chosen.detach(), rejected.detach()
+        return LossOutput(loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().mean(),
+                                 "margin": (chosen - rejected).mean(), "rewards/chosen": chosen.mean(),
+                                 "rewards/rejected": rejected.mean()})
+
+
+def main(args: Args | None = None) -> RewardTrainer:
+    args = args or tyro.cli(Args)
+    trainer = RewardTrainer(args)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)

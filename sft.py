@@ -1,0 +1,221 @@
+"""Supervised fine-tuning: next-token NLL on the completion / assistant tokens only (Ouyang et al. 2022, Sec. 3.5,
+https://arxiv.org/abs/2203.02155, the SFT stage before the reward model and PPO), one file.
+
+    python sft.py                                   # bundled SmolLM2-135M-Instruct on the built-in arithmetic task
+    python sft.py --dataset chats.jsonl --max-length 1024 --learning-rate 2e-5
+    torchrun --nproc_per_node 8 sft.py --model path/to/hf_model --dataset chats.jsonl
+
+Rows are {"prompt", "completion"} (strings, or chat message lists: the prompt gets the chat template, the completion
+its text plus EOS, as in dpo.py) or {"messages": [...]} conversations. A conversation is rendered with the chat
+template; every assistant turn is in the loss, each with its end-of-turn token (a model that never sees its stop
+token never learns to stop); everything else (system, user, role headers) is context only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import tyro
+from torch import nn
+
+import tasks
+from common import (Batch, BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, check_text, encode_completion,
+                    encode_prompt, print0, run_main, train_eval_rows)
+from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+
+
+@dataclass
+class Args(TrainArgs):
+    padding_free: bool = True
+    """pack each micro-batch into one row of whole sequences that never attend to each other (prefixes they share,
+    e.g. a system prompt, computed once; exact); --no-padding-free pads to the longest sequence"""
+    learning_rate: float = 2e-5
+    """peak AdamW learning rate"""
+    total_steps: int = 40
+    """optimizer steps (0 = run only the step-0 eval)"""
+    warmup_steps: int = 4
+    """linear warm-up steps of the scheduler"""
+    eval_every: int = 20
+    """steps between evals (0 = only at start and end)"""
+    log_every: int = 5
+    """steps between log lines / metrics.jsonl records"""
+
+
+def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the loss tokens; token_logps [N] -> scalar. The caller divides by the loss tokens of the whole
+    optimizer step (BaseTrainer.token_mean), so accumulation and world size do not change the gradient."""
+    return -token_logps.sum()
+
+
+def render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_conversation(tok, messages: list[dict], loc: str) -> tuple[list[int], list[bool]]:
+    """-> token ids of the rendered conversation and a loss mask: True on each assistant turn's tokens up to and
+    including its end-of-turn (EOS) token. Turn boundaries come from rendering the template message by message (no
+    generation tags needed): the turn of message i is the text between render(messages[:i], generation prompt) and
+    render(messages[:i+1]); template glue after its EOS (a newline) is context."""
+    full = render(tok, messages)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(tok, messages[:i], generation_prompt=True), render(tok, messages[:i + 1])
+        if not full.startswith(before) or not full.startswith(upto):
+            before = render(tok, messages[:i])  # templates whose generation prompt differs from the turn header
+            if not full.startswith(before) or not full.startswith(upto):
+                raise UserError(f"{loc}: the chat template does not render this conversation message by message "
+                                f"(a prefix renders differently), so the assistant turns cannot be located")
+        turn = [k for k, s in enumerate(starts) if len(before) <= s < len(upto)]
+        eos = [k for k in turn if ids[k] == tok.eos_token_id]
+        for k in turn[:turn.index(eos[-1]) + 1] if eos else turn:
+            mask[k] = True
+    return ids, mask
+
+
+def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: int):
+    """-> ({ids, mask}, truncated?) or (None, True) if no loss token survives truncation. prompt/completion rows: the
+    prompt is cut from the left to max_prompt_length, then the completion from the right to max_length;
+    conversations are cut from the right to max_length."""
+    if "messages" in row:
+        ids, mask = tokenize_conversation(tok, row["messages"], loc)
+        truncated = len(ids) > max_length
+        ids, mask = ids[:max_length], mask[:max_length]
+    else:
+        prompt, completion = encode_prompt(tok, row["prompt"]), encode_completion(tok, row["completion"])
+        truncated = len(prompt) > max_prompt_length
+        prompt = prompt[-max_prompt_length:]
+        room = max_length - len(prompt)
+        truncated |= len(completion) > room
+        completion = completion[:max(room, 0)]
+        ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    if mask[0]:  # token 0 has nothing to be predicted from
+        mask[0] = False
+    if not any(mask):
+        return None, True
+    return {"ids": ids, "mask": mask}, truncated
+
+
+def check_row(loc: str, row: dict) -> None:
+    """{"messages": [...] with an assistant turn} or {"prompt", "completion"}; one line naming the row otherwise."""
+    if "messages" in row:
+        check_text(loc, "messages", row["messages"])
+        turns = [j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+        if not turns:
+            raise UserError(f"{loc}: field 'messages' has no assistant turn (nothing to learn from)")
+        for j in turns:
+            if not row["messages"][j]["content"].strip():
+                raise UserError(f"{loc}: field 'messages' message {j} (assistant) is empty")
+        return
+    if "prompt" not in row and "completion" not in row:
+        raise UserError(f"{loc}: expected a 'messages' list or 'prompt' and 'completion' fields, got keys "
+                        f"{sorted(row)}")
+    check_text(loc, "prompt", row.get("prompt"))
+    check_text(loc, "completion", row.get("completion"), roles=("assistant",))
+
+
+def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
+    """Sequences -> one forward's tensors. `labels` are the loss tokens in sequence order; `keep` marks the positions
+    that predict them (only there does the LM head run).
+
+    padding_free: one packed row (packing.pack_prefix_tree), each sequence attending only to itself; a prefix that
+    sequences share is laid out once, which is exact (each token sees exactly its own context). pack_prefix_tree
+    keeps every position from a sequence's first loss token on; positions that predict a non-loss token (a user turn
+    between two assistant turns) are then dropped from `keep`. Else a right-padded [B, L] batch."""
+    seqs = [e["ids"] for e in examples]
+    loss_at = [[k for k, m in enumerate(e["mask"]) if m] for e in examples]  # token indices in the loss
+    segments = None
+    if padding_free:
+        tensors, segments = pack_prefix_tree(seqs, [ks[0] for ks in loss_at])
+        # packed position predicting each token k >= first loss token, in sequence order; keep only loss tokens
+        positions = tensors["keep"][0].nonzero()[:, 0][tensors["logit_index"]]
+        in_loss = torch.tensor([m for e, ks in zip(examples, loss_at) for m in e["mask"][ks[0]:]])
+        positions = positions[in_loss]
+        keep = torch.zeros_like(tensors["keep"])
+        keep[0, positions] = True
+        tensors["keep"], tensors["logit_index"] = keep, (keep[0].cumsum(0) - 1)[positions]
+    else:
+        width = max(map(len, seqs))
+        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
+                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                   "keep": torch.tensor([e["mask"][1:] + [False] * (width - len(e["mask"]) + 1) for e in examples])}
+    tensors["labels"] = torch.tensor([s[k] for s, ks in zip(seqs, loss_at) for k in ks])
+    n_loss = sum(map(len, loss_at))
+    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)), num_loss_tokens=n_loss,
+                 row_ids=[e["loc"] for e in examples], segments=segments)
+
+
+class SFTTrainer(BaseTrainer):
+    script_name = "sft"
+    summary_keys = ("loss", "greedy_accuracy")
+    args: Args
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if self.args.padding_free:
+            use_segment_attention(model)
+        return model
+
+    def setup_data(self) -> None:
+        a = self.args
+        if tasks.is_task(a.dataset):
+            train_rows, eval_rows = tasks.sft_rows(a.dataset, False), tasks.sft_rows(a.dataset, True)
+        else:
+            train_rows, eval_rows = train_eval_rows(a)
+        self.train_data = self._tokenize(train_rows, "train")
+        self.eval_data = self._tokenize(eval_rows, "eval")
+        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
+            if not data and (data is self.train_data or eval_rows):
+                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+
+    def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
+        out, truncated, dropped = [], 0, 0
+        for loc, row in rows:
+            check_row(loc, row)
+            ex, cut = tokenize_row(self.tokenizer, row, loc, self.args.max_length, self.args.max_prompt_length)
+            truncated += cut and ex is not None
+            dropped += ex is None
+            if ex is not None:
+                out.append(ex | {"loc": loc})
+        n_loss = sum(sum(e["mask"]) for e in out)
+        print0(f"{split}: {len(out)} sequences, {n_loss} loss tokens ({truncated} truncated, {dropped} dropped: no "
+               f"loss token left within --max-length {self.args.max_length})")
+        return out
+
+    def make_batch(self, examples: list[dict]) -> Batch:
+        return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"])  # [N]
+        token_sum = sft_loss(token_logps)
+        # logged: this micro-batch's own mean token NLL (the gradient uses the whole step's token count)
+        return LossOutput(self.token_mean(token_sum), {"loss": token_sum.detach() / max(batch.num_loss_tokens, 1)})
+
+    def training_step(self) -> StepOutput:
+        out = super().training_step()
+        if out.num_samples:  # loss tokens of the whole step, all ranks (already all-reduced by optimizer_step)
+            out.metrics["num_tokens"] = self._token_scale[1]
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = super().evaluate() if self.eval_data else {}
+        if tasks.is_task(self.args.dataset):
+            acc, replies = tasks.greedy_accuracy(self.model, self.tokenizer, self.args.dataset, self.autocast,
+                                                 self.dist, synced=self.fsdp)
+            metrics["greedy_accuracy"] = acc
+            self.write("  sample replies: " + "; ".join(replies[:4]))
+        return metrics
+
+
+def main(args: Args | None = None) -> SFTTrainer:
+    args = args or tyro.cli(Args)
+    trainer = SFTTrainer(args)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -783,7 +783,7 @@ class BaseTrainer(ABC):
         self.model.train()
         window, n = MetricWindow(), len(batches)
         tokens = torch.tensor([float(sum(b.num_loss_tokens for b in batches))], device=self.device)
-        if dist.is_initialized() and any(b.num_loss_tokens for b in batches):
+        if dist.is_initialized():  # on every rank: one rank's count can be 0 (GRPO's filtered truncations)
             dist.all_reduce(tokens)
         self._token_scale = (n * self.dist.world_size, tokens.item())
         for i, batch in enumerate(batches):

@@ -80,23 +80,24 @@ class Args(TrainArgs):
     mask_truncated_completions: bool = False
     """completions that never emit EOS get no loss (DAPO's overlong filtering); their rewards still count in the
     group statistics"""
-    temperature: float = 1.0
-    """sampling temperature; the log-probs divide the logits by it too"""
+    temperature: float = 0.7
+    """sampling temperature (TRL: 1.0; a 135M model's replies at 1.0 are mostly noise); the log-probs divide the
+    logits by it too"""
     top_p: float = 1.0
     """nucleus sampling"""
     max_new_tokens: int = 8
     """completion length cap (also Dr. GRPO's constant normaliser)"""
-    batch_size: int = 8
+    batch_size: int = 4
     """prompts per device per rollout: batch_size x num_generations episodes per device per step"""
     gradient_accumulation_steps: int = 1
     """micro-batches per update, each of batch_size / this whole groups"""
     learning_rate: float = 2e-5
     """peak AdamW learning rate"""
-    total_steps: int = 40
+    total_steps: int = 30
     """iterations (rollout + updates); 0 = run only the step-0 eval"""
     log_every: int = 5
     """iterations between log lines / metrics.jsonl records"""
-    eval_every: int = 20
+    eval_every: int = 10
     """iterations between evals (0 = only at start and end)"""
     max_length: int = 256
     """max tokens of prompt + completion; prompts are cut from the left to --max-prompt-length (default: the rest)"""

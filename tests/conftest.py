@@ -161,3 +161,63 @@ def script_args(script: str, model, data, out, **kw):
                 learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0, max_length=64,
                 max_prompt_length=32, seed=3)
     return importlib.import_module(script).Args(**(base | kw))
+
+
+GRPO_REWARDS = '''
+def count_a(prompts, completions, **fields):
+    return [c.count("a") / 4 + 0.1 * len(fields["topic"][i]) for i, c in enumerate(completions)]
+def length(prompts, completions, **fields):
+    return [len(c) / 8 for c in completions]
+def nan(prompts, completions, **fields):
+    return [float("nan")] * len(completions)
+def short(prompts, completions, **fields):
+    return [1.0]
+def boom(prompts, completions, **fields):
+    return {}["nope"]
+'''
+
+
+def write_prompt_task(d: Path, n: int = 24) -> Path:
+    """prompts.jsonl (string and chat prompts, a `topic` field for the reward) and my_rewards.py in d."""
+    (d / "my_rewards.py").write_text(GRPO_REWARDS)
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(n):
+            prompt = f"say a {i}" if i % 2 else [{"role": "user", "content": f"say b {i}"}]
+            f.write(json.dumps({"prompt": prompt, "topic": "x" * (i % 3)}) + "\n")
+    return d
+
+
+def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
+    """A deterministic GRPO rollout (no sampling) of train prompts `groups`: ragged completions, some without EOS,
+    each group's rewards fixed by its index (group 0: all equal). The same global group gets the same rollout on any
+    rank, so a rank's share of a global batch is exactly its groups' rollouts."""
+    from common import truncate_after_eos
+    G, L, eos = trainer.args.num_generations, trainer.args.max_new_tokens, trainer.tokenizer.eos_token_id
+    examples, comps, rewards = [], [], []
+    for g in groups:
+        gen = torch.Generator().manual_seed(100 + g)
+        for k in range(G):
+            n = int(torch.randint(1, L + 1, (1,), generator=gen))
+            ids = torch.randint(0, eos, (L,), generator=gen)
+            if k:  # the first completion of each group never ends: truncated at max_new_tokens
+                ids[n - 1] = eos
+            comps.append(ids)
+            examples.append(trainer.train_data[g])
+        rewards += [0.5] * G if g == 0 else torch.rand(G, generator=gen).tolist()
+    completions, mask, has_eos = truncate_after_eos(torch.stack(comps), eos, trainer.tokenizer.pad_token_id)
+    t = trainer.build_rollout(examples, trainer.make_batch(examples), completions, mask, has_eos,
+                              torch.tensor(rewards))
+    t.pop("zero_std")
+    return t
+
+
+def update_grads(trainer, micro_batches) -> dict:
+    """The synced gradients of one optimizer_step over micro_batches, the optimizer step itself skipped."""
+    grads, step = {}, trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: grads.update(
+        {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    try:
+        trainer.optimizer_step(micro_batches)
+    finally:
+        trainer.optimizer.step = step
+    return grads

@@ -1,0 +1,233 @@
+"""GRPO: loss aggregations and advantages against their formulas, DAPO's normalisation across accumulation and world
+size, bad input, smoke runs (1 process with a reference model and several updates per generation; torchrun x2)."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import UserError
+from conftest import ENV, ROOT, fixed_grpo_rollout, read_metrics, update_grads, write_prompt_task
+from grpo import (AdvantageType, Args, GRPOTrainer, LossType, ScaleRewards, aggregate_loss, clipped_token_loss,
+                  group_advantages, k3_kl, main)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_prompt_task(tmp_path_factory.mktemp("grpo"))
+
+
+def _args(model, task_dir, out, **kw):
+    base = dict(model=model, dataset=str(task_dir / "prompts.jsonl"), reward_fn=["my_rewards:count_a"],
+                output_dir=str(out), precision="fp32", batch_size=4, num_generations=4, total_steps=2,
+                learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0, max_length=48,
+                max_prompt_length=24, max_new_tokens=6, eval_size=4, seed=5)
+    return Args(**(base | kw))
+
+
+# --- pure functions ---------------------------------------------------------------------------------------------------
+RAGGED = [5, 1, 3, 0, 4]  # valid tokens per sequence (one sequence fully masked: truncated and filtered)
+
+
+def test_loss_aggregations_match_their_formulas_on_ragged_masks():
+    torch.manual_seed(0)
+    N, L = len(RAGGED), 5
+    per_token = torch.randn(N, L)
+    mask = torch.tensor([[1.0] * n + [0.0] * (L - n) for n in RAGGED])
+    rows = [per_token[i, :n].tolist() for i, n in enumerate(RAGGED)]
+    grpo = sum(sum(r) / len(r) for r in rows if r) / N  # an empty sequence contributes 0 but counts in N
+    dr_grpo = sum(sum(r) for r in rows) / (N * 7)  # max_new_tokens = 7, not the longest sequence
+    dapo = sum(sum(r) for r in rows) / sum(RAGGED)
+    assert aggregate_loss(per_token, mask, LossType.grpo, 7).item() == pytest.approx(grpo, rel=1e-6)
+    assert aggregate_loss(per_token, mask, LossType.dr_grpo, 7).item() == pytest.approx(dr_grpo, rel=1e-6)
+    assert aggregate_loss(per_token, mask, LossType.dapo, 7).item() == pytest.approx(dapo, rel=1e-6)
+    # dapo's normaliser comes from outside (the whole step's token count)
+    assert aggregate_loss(per_token, mask, LossType.dapo, 7, lambda s: s / 100).item() == pytest.approx(
+        sum(sum(r) for r in rows) / 100, rel=1e-6)
+    # padding values never leak in
+    noisy = per_token + (1 - mask) * 1e6
+    for lt in LossType:
+        torch.testing.assert_close(aggregate_loss(noisy, mask, lt, 7), aggregate_loss(per_token, mask, lt, 7))
+
+
+def test_advantages_against_hand_computation():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.2, 0.4, 0.6, 0.8], [3.0, 3.0, 3.0, 3.0]])
+    adv, zero = group_advantages(r, ScaleRewards.none, AdvantageType.grpo)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, -0.5, -0.5, 0.5], [-0.3, -0.1, 0.1, 0.3], [0.0] * 4]))
+    assert zero.tolist() == [False, False, True]
+    adv, _ = group_advantages(r, ScaleRewards.group, AdvantageType.grpo)
+    std0, std1 = torch.tensor([1.0, 0, 0, 1]).std().item(), torch.tensor([0.2, 0.4, 0.6, 0.8]).std().item()
+    torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std0 + 1e-4))
+    torch.testing.assert_close(adv[1], torch.tensor([-0.3, -0.1, 0.1, 0.3]) / (std1 + 1e-4))
+    adv, _ = group_advantages(r, ScaleRewards.batch, AdvantageType.grpo, batch_std=torch.tensor(2.0))
+    torch.testing.assert_close(adv[1], torch.tensor([-0.3, -0.1, 0.1, 0.3]) / (2.0 + 1e-4))
+    # RLOO: r_i - mean of the OTHER three
+    adv, _ = group_advantages(r, ScaleRewards.none, AdvantageType.rloo)
+    expected = [[ri - (sum(row) - ri) / 3 for ri in row] for row in r.tolist()]
+    torch.testing.assert_close(adv, torch.tensor(expected))
+    assert adv[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("scale", list(ScaleRewards))
+@pytest.mark.parametrize("estimator", list(AdvantageType))
+def test_all_equal_group_has_exactly_zero_advantage(scale, estimator):
+    r = torch.tensor([[0.1, 0.1, 0.1], [0.7, 0.7, 0.7], [0.0, 1.0, 0.0]])  # 0.1 * 3 / 3 != 0.1 in floating point
+    adv, zero = group_advantages(r, scale, estimator, batch_std=torch.tensor(0.0))
+    assert torch.isfinite(adv).all() and (adv[:2] == 0).all() and (adv[2] != 0).all()
+    assert zero.tolist() == [True, True, False]
+
+
+def test_clip_higher_is_asymmetric_and_counted():
+    # one sequence, token ratios 1.5, 0.5, 1.25, 0.75; eps_low 0.2, eps_high 0.3
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.25, 0.75]])).requires_grad_(True)
+    adv = torch.tensor([1.0])
+    loss, low, high = clipped_token_loss(new, torch.zeros(1, 4), adv, 0.2, 0.3)  # sequence advantage: all +1
+    torch.testing.assert_close(loss, -torch.tensor([[1.3, 0.5, 1.25, 0.75]]))  # min(r A, clip(r) A)
+    assert high.tolist() == [[1.0, 0.0, 0.0, 0.0]] and low.sum() == 0  # r < 0.8 with A > 0 is not a clip
+    loss, low, high = clipped_token_loss(new, torch.zeros(1, 4), -adv, 0.2, 0.3)
+    torch.testing.assert_close(loss, torch.tensor([[1.5, 0.8, 1.25, 0.8]]))
+    assert low.tolist() == [[0.0, 1.0, 0.0, 1.0]] and high.sum() == 0
+    loss.sum().backward()
+    assert new.grad[0, 1] == 0 and new.grad[0, 3] == 0 and new.grad[0, 0] != 0  # clipped: no gradient
+
+
+def test_k3_kl_is_unbiased_and_nonnegative():
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    per = k3_kl(p.log(), q.log())
+    assert (per >= 0).all()
+    assert (p * per).sum().item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+
+
+# --- the trainer ------------------------------------------------------------------------------------------------------
+def test_dapo_normalisation_invariant_to_accumulation(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """One update on a fixed rollout of 4 groups: batch 4 in one micro-batch == 2 micro-batches of 2 groups, for
+    every loss type (DAPO needs the step's token count; grpo/dr_grpo are means over sequences); a per-micro-batch
+    token mean would differ (the check can fail)."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, max_grad_norm=0.0, beta=0.1, num_iterations=2,
+                           mask_truncated_completions=True, scale_rewards="batch"))
+    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
+    assert {"old_logps", "ref_logps"} <= t.keys() and (t["loss_mask"].sum(1) == 0).any()
+    for lt in LossType:
+        tr.args.loss_type = lt
+        tr.args.gradient_accumulation_steps = 1
+        one = update_grads(tr, tr.micro_batches(t))
+        tr.args.gradient_accumulation_steps = 2
+        mbs = tr.micro_batches(t)
+        assert len(mbs) == 2 and mbs[0].num_loss_tokens != mbs[1].num_loss_tokens  # ragged: the test can tell
+        two = update_grads(tr, mbs)
+        assert one.keys() == two.keys() and one
+        for n in one:
+            torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{lt} {n}: {m}")
+    monkeypatch.setattr(tr, "token_mean", lambda s, mbs=mbs: s / next(b.num_loss_tokens for b in mbs))
+    naive = update_grads(tr, mbs)
+    assert any(not torch.allclose(naive[n], one[n], rtol=1e-3) for n in one)
+
+
+def test_groups_stay_whole_and_share_their_prompt(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(task_dir))
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, gradient_accumulation_steps=2))
+    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
+    for b in tr.micro_batches(t):
+        assert b.num_samples == 8  # two whole groups of 4
+        inputs, _ = tr.model_inputs(b.tensors)
+        prompt_tokens = b["attention_mask"][:, :-t["completions"].shape[1]].sum(1)
+        # each group's prompt appears once in the packed row, not once per completion
+        assert inputs["input_ids"].numel() <= b["completion_mask"].sum() + prompt_tokens[::4].sum()
+    # packed forward == left-padded forward
+    logps = tr.completion_logps(tr.model, t)
+    tr.args.padding_free = False
+    torch.testing.assert_close(tr.completion_logps(tr.model, t), logps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_generations": 1}, r"--num-generations 1: must be >= 2"),
+    ({"batch_size": 3, "gradient_accumulation_steps": 2}, r"--batch-size 3 prompts cannot be split into"),
+    ({"reward_weights": [1.0, 2.0]}, r"--reward-weights: 2 weights for 1 reward function"),
+    ({"reward_weights": [float("nan")]}, r"--reward-weights nan: must be finite"),
+    ({"epsilon_low": -0.1}, r"--epsilon-low -0.1: must be in \[0, 1\)"),
+    ({"beta": -1.0}, r"--beta -1.0: must be >= 0"),
+    ({"num_iterations": 0}, r"--num-iterations 0: must be >= 1"),
+    ({"temperature": 0.0}, r"--temperature 0.0: must be > 0"),
+    ({"reward_fn": []}, r"pass --reward-fn module:function"),
+    ({"reward_fn": ["my_rewards:nan"]}, r"--reward-fn my_rewards:nan: returned a non-finite score for rows \["),
+    ({"reward_fn": ["my_rewards:short"]}, r"--reward-fn my_rewards:short: returned shape \(1,\), expected a list"),
+    ({"reward_fn": ["my_rewards:count_a", "my_rewards:boom"]}, r"--reward-fn my_rewards:boom: raised KeyError"),
+    ({"reward_fn": ["no_such_module:f"]}, r"--reward-fn no_such_module:f: cannot import"),
+])
+def test_bad_input_is_one_line(tiny_model_dir, task_dir, tmp_path, monkeypatch, kw, match):
+    monkeypatch.syspath_prepend(str(task_dir))
+    with pytest.raises(UserError, match=match):
+        main(_args(tiny_model_dir, task_dir, tmp_path / "out", total_steps=1, **kw))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() or "reward_fn" in kw
+
+
+# --- runs -------------------------------------------------------------------------------------------------------------
+TRAIN_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+              "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "episodes_per_s", "tokens_per_s", "grad_norm",
+              "lr", "time/generation", "time/scoring", "time/logprobs", "time/update")
+
+
+def _flags(model, task_dir, out, **kw):
+    flags = dict(model=model, dataset=task_dir / "prompts.jsonl", output_dir=out, precision="fp32", batch_size=2,
+                 num_generations=4, total_steps=2, learning_rate=1e-3, log_every=1, eval_every=0, save_every=0,
+                 max_length=48, max_prompt_length=24, max_new_tokens=6, eval_size=4) | kw
+    return [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+            for k, v in ((k.replace("_", "-"), v) for k, v in flags.items())]
+
+
+@pytest.mark.slow
+def test_smoke_run_with_reference_and_several_updates(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "grpo.py", "--reward-fn", "my_rewards:count_a", "--reward-fn",
+                        "my_rewards:length", "--reward-weights", "1.0", "0.5", "--beta=0.1", "--num-iterations=2",
+                        "--epsilon-high=0.28", "--mask-truncated-completions", "--loss-type=dr_grpo",
+                        "--advantage=rloo"] + _flags(tiny_model_dir, task_dir, out, total_steps=3),
+                       cwd=ROOT, env=ENV | {"PYTHONPATH": str(task_dir)}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [m for m in read_metrics(out) if "train/reward" in m]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    for key in TRAIN_KEYS + ("kl", "rewards/my_rewards:count_a/mean", "rewards/my_rewards:length/mean"):
+        assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+    for m in train:  # the weighted sum of the functions' means
+        assert m["train/reward"] == pytest.approx(m["train/rewards/my_rewards:count_a/mean"]
+                                                  + 0.5 * m["train/rewards/my_rewards:length/mean"], rel=1e-5)
+    assert any("train/samples" in m for m in read_metrics(out))
+    assert (out / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """DDP x2 (two groups per rank) gives the 1-process gradients of a 4-group update for every
+    loss type; the same launch then trains (smoke); a reward function that fails stops both ranks with one line."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    common = dict(max_grad_norm=0.0, beta=0.1, num_iterations=2, mask_truncated_completions=True,
+                  scale_rewards="batch")
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path / "single", **common))
+    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
+    single = {}
+    for lt in LossType:
+        tr.args.loss_type = lt
+        single[lt.value] = update_grads(tr, tr.micro_batches(t))
+    env = ENV | {"PYTHONPATH": str(task_dir)}
+    flags = _flags(tiny_model_dir, task_dir, tmp_path / "ddp", seed=5, **common) + ["--reward-fn=my_rewards:count_a"]
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29561", "tests/grpo_parity_worker.py",
+                        str(tmp_path / "ddp.pt")] + flags, cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt")["grads"]
+    for lt, grads in single.items():
+        assert grads.keys() == ddp[lt].keys()
+        for n in grads:
+            torch.testing.assert_close(ddp[lt][n], grads[n], rtol=2e-4, atol=1e-6, msg=lambda m: f"{lt} {n}: {m}")
+    train = [m for m in read_metrics(tmp_path / "ddp") if "train/reward" in m]
+    assert len(train) == 2 and all(math.isfinite(m[f"train/{k}"]) for m in train for k in TRAIN_KEYS)
+    bad = _flags(tiny_model_dir, task_dir, tmp_path / "bad") + ["--reward-fn=my_rewards:nan"]
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29563", "grpo.py"] + bad, cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [errors[0]] and "--reward-fn my_rewards:nan: returned a non-finite score" in errors[0]
+    # both ranks exit 2 without a traceback of their own (torchrun adds its report of the failed children)
+    assert "exitcode: 2" in r.stderr and "exitcode: -" not in r.stderr and "[rank" not in r.stderr

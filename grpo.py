@@ -30,9 +30,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, call_reward_fn,
-                    check_flag, check_text, encode_prompt, generate, left_pad, load_reward_fn, print0, progress,
-                    rank_batches, run_main, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
+                    add_lora, call_reward_fn, check_flag, check_text, encode_prompt, generate, left_pad,
+                    load_reward_fn, print0, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
@@ -217,11 +217,12 @@ class GRPOTrainer(BaseTrainer):
     args: Args
 
     def build_model(self) -> nn.Module:
-        policy = super().build_model()
+        policy = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(policy)  # before the copy: the reference inherits it
-        # beta = 0: the loss has no KL term, so no reference model is built or held (TRL does the same)
-        self.ref_policy = self.frozen_copy(policy) if self.args.beta > 0 else None
+        # beta = 0: the loss has no KL term, so no reference model is built or held (TRL does the same); under LoRA
+        # the reference is the policy with its adapters off
+        self.ref_policy = self.frozen_copy(policy) if self.args.beta > 0 and not self.args.lora_r else None
         return policy
 
     def setup_data(self) -> None:
@@ -334,13 +335,16 @@ class GRPOTrainer(BaseTrainer):
         # DAPO overlong filtering: a truncated completion gets no loss (its reward still shaped its group's baseline)
         loss_mask = mask * has_eos[:, None].float() if a.mask_truncated_completions else mask
         t |= {"advantages": adv.reshape(-1), "loss_mask": loss_mask}
-        if a.num_iterations > 1 or self.ref_policy is not None:
+        if a.num_iterations > 1 or a.beta > 0:
             self.model.eval()
             with self.autocast():
                 if a.num_iterations > 1:
                     t["old_logps"] = self.completion_logps(self.model, t)
                 if self.ref_policy is not None:
                     t["ref_logps"] = self.completion_logps(self.ref_policy, t)
+                elif a.beta > 0:
+                    with adapters_disabled(self.model):
+                        t["ref_logps"] = self.completion_logps(self.model, t)
         return t | {"zero_std": zero_std}
 
     @torch.no_grad()

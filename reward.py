@@ -23,8 +23,8 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, check_flag, check_text, encode_completion,
-                    encode_prompt, load_model, print0, run_main, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_text,
+                    encode_completion, encode_prompt, load_model, print0, run_main, train_eval_rows)
 from packing import pack_prefix_tree, segment_forward, use_segment_attention
 
 
@@ -74,16 +74,19 @@ class RewardModel(nn.Module):
         super().__init__()
         self.classifier = classifier
 
-    def head(self) -> nn.Linear:
+    def head(self) -> nn.Module:
+        """The linear score head (under LoRA: peft's trainable copy of it)."""
+        hf = base_of(self.classifier)
         for name in ("score", "classifier"):
-            if isinstance(getattr(self.classifier, name, None), nn.Linear):
-                return getattr(self.classifier, name)
-        raise UserError(f"--model: {type(self.classifier).__name__} has no linear `score`/`classifier` head")
+            m = getattr(hf, name, None)
+            if isinstance(getattr(m, "original_module", m), nn.Linear):
+                return m
+        raise UserError(f"--model: {type(hf).__name__} has no linear `score`/`classifier` head")
 
     def forward(self, t: dict[str, torch.Tensor], segments: list | None = None) -> torch.Tensor:
         """-> rewards [N] fp32: the head on the hidden state at t["last"] (flat indices into the [rows x T] batch)."""
         inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
-        backbone = self.classifier.base_model
+        backbone = base_of(self.classifier).base_model  # the decoder (LoRA layers are injected in place)
         run = backbone if segments is None else partial(segment_forward, backbone, segments)
         hidden = run(**inputs, use_cache=False).last_hidden_state  # [rows, T, H]
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, t["last"])
@@ -146,8 +149,9 @@ class RewardTrainer(BaseTrainer):
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
         classifier.config.pad_token_id = self.tokenizer.pad_token_id  # ppo.py and HF pooling read it
+        model.classifier = add_lora(classifier, a, task_type="SEQ_CLS")  # the score head trains fully
         if a.padding_free:
-            use_segment_attention(classifier)
+            use_segment_attention(model.classifier)
         return model
 
     def hf_model(self) -> nn.Module:

@@ -19,8 +19,8 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, check_text, encode_completion,
-                    encode_prompt, print0, run_main, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, add_lora, check_text,
+                    encode_completion, encode_prompt, print0, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
@@ -154,7 +154,7 @@ class SFTTrainer(BaseTrainer):
     args: Args
 
     def build_model(self) -> nn.Module:
-        model = super().build_model()
+        model = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(model)
         return model

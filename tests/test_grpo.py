@@ -231,3 +231,13 @@ def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path
     assert errors == [errors[0]] and "--reward-fn my_rewards:nan: returned a non-finite score" in errors[0]
     # both ranks exit 2 without a traceback of their own (torchrun adds its report of the failed children)
     assert "exitcode: 2" in r.stderr and "exitcode: -" not in r.stderr and "[rank" not in r.stderr
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(task_dir))
+    t = main(_args(tiny_model_dir, task_dir, tmp_path, lora_r=4, beta=0.1, total_steps=2,
+                   reward_fn=["my_rewards:length"]))
+    assert t.ref_policy is None
+    kl = [m["train/kl"] for m in read_metrics(tmp_path) if "train/kl" in m]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # step 1: the policy is still the base
+    assert (tmp_path / "final" / "adapter").exists()

@@ -115,3 +115,24 @@ def test_ppo_with_a_reward_model_reports_verifier_accuracy(tiny_model_dir, pairs
     metrics = t.evaluate()
     assert metrics["greedy_accuracy"] == 1.0 and metrics["scores"] != 1.0
     assert sum(verdicts) == len(tasks.questions("arithmetic", held_out=True))
+
+
+def test_lora_trains_adapters_and_the_head_and_exports_a_classifier(tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from ppo import reward_model_scores
+    from reward import main
+    t = main(script_args("reward", tiny_model_dir, pairs_file, tmp_path, lora_r=4, total_steps=3, learning_rate=3e-3))
+    trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    assert all("lora_" in n or "score" in n for n in trainable)
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")  # the merged model
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").exists()
+    exs = t.eval_data[:2]
+    b = collate(exs, t.tokenizer.pad_token_id, True)
+    with torch.no_grad():
+        ours = t.model(b.tensors, b.segments)
+    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    torch.testing.assert_close(reward_model_scores(rm, ids, mask), ours, rtol=1e-4, atol=1e-5)

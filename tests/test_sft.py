@@ -9,7 +9,7 @@ import torch
 
 from common import UserError, load_tokenizer
 from conftest import (ENV, ROOT, build_model, build_tokenizer, capture_grads, read_metrics, run, script_args,
-                      tiny_flags, write_pairs)
+                      tiny_flags)
 from packing import kept_logits, label_logps, use_segment_attention
 from sft import SFTTrainer, collate, sft_loss, tokenize_conversation, tokenize_row
 
@@ -190,3 +190,15 @@ def test_pipeline_sft_reward_ppo_dpo(tiny_model_dir, sft_file, pairs_file, tmp_p
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and len(errors) == 1 and what in errors[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr and not (tmp_path / "bad_out").exists()
+
+
+def test_lora_run_exports_merged_model_and_adapter(tiny_model_dir, sft_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from sft import main
+    t = main(script_args("sft", tiny_model_dir, sft_file, tmp_path, lora_r=4, total_steps=2))
+    assert all("lora_" in n for n, p in t.model.named_parameters() if p.requires_grad)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "final" / "adapter")
+    ids = torch.randint(0, 200, (2, 10))
+    torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)

@@ -493,6 +493,19 @@ def encode_completion(tok, completion: str | list[dict]) -> list[int]:
     return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
 
 
+def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, split: str) -> list[dict]:
+    """Prompt rows (ppo.py, grpo.py) -> {loc, prompt_ids (cut from the left), prompt, fields for the reward fn}."""
+    out, truncated = [], 0
+    for loc, row in rows:
+        check_text(loc, "prompt", row.get("prompt"))
+        ids = encode_prompt(tok, row["prompt"])
+        truncated += len(ids) > max_prompt_length
+        out.append({"loc": loc, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"],
+                    "fields": {k: v for k, v in row.items() if k != "prompt"}})
+    print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
+    return out
+
+
 class ShardedSampler:
     """The training rows as one stream of seeded epoch shuffles (perm_0, perm_1, ...); global micro-batch k is the
     next batch_size x world_size rows of the stream and rank r takes every W-th of them, so the ranks' micro-batches

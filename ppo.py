@@ -24,8 +24,8 @@ from torch import nn
 
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
-                    add_lora, call_reward_fn, check_flag, check_text, encode_prompt, generate, left_pad, load_model,
-                    load_reward_fn, print0, progress, rank_batches, run_main, train_eval_rows)
+                    add_lora, call_reward_fn, check_flag, generate, left_pad, load_model, load_reward_fn, progress,
+                    prompt_examples, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
 
 
@@ -335,20 +335,10 @@ class PPOTrainer(BaseTrainer):
             train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
         else:
             train_rows, eval_rows = train_eval_rows(a)
-        self.train_data, self.eval_data = self._tokenize(train_rows, "train"), self._tokenize(eval_rows, "eval")
+        self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
+        self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
         # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
         torch.manual_seed(a.seed + 1000 * self.dist.rank)
-
-    def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
-        out, truncated = [], 0
-        for loc, row in rows:
-            check_text(loc, "prompt", row.get("prompt"))
-            ids = encode_prompt(self.tokenizer, row["prompt"])
-            truncated += len(ids) > self.args.max_prompt_length
-            out.append({"loc": loc, "prompt_ids": ids[-self.args.max_prompt_length:], "prompt": row["prompt"],
-                        "fields": {k: v for k, v in row.items() if k != "prompt"}})
-        print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
-        return out
 
     def make_batch(self, examples: list[dict]) -> Batch:
         """Left-padded prompts (generation continues from the right edge)."""

@@ -1,5 +1,4 @@
 """PPO: closed-form math against plain loops, masking, reward-model pooling, resume, bad input, smoke runs."""
-import json
 import math
 import os
 import shutil
@@ -14,31 +13,13 @@ import torch
 import packing
 from common import UserError, truncate_after_eos
 from packing import kept_logits
-from conftest import ROOT, checkpoint_weights, read_metrics
+from conftest import ROOT, checkpoint_weights, read_metrics, write_prompt_task
 from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
                  reward_model_scores, shape_rewards, value_loss)
 
-REWARD_MODULE = '''
-def count_a(prompts, completions, **fields):
-    return [c.count("a") / 4 + 0.1 * len(fields["topic"][i]) for i, c in enumerate(completions)]
-def nan(prompts, completions, **fields):
-    return [float("nan")] * len(completions)
-def short(prompts, completions, **fields):
-    return [1.0]
-def boom(prompts, completions, **fields):
-    return {}["nope"]
-'''
-
-
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ppo")
-    (d / "my_rewards.py").write_text(REWARD_MODULE)
-    with open(d / "prompts.jsonl", "w") as f:
-        for i in range(24):
-            prompt = f"say a {i}" if i % 2 else [{"role": "user", "content": f"say b {i}"}]
-            f.write(json.dumps({"prompt": prompt, "topic": "x" * (i % 3)}) + "\n")
-    return d
+    return write_prompt_task(tmp_path_factory.mktemp("ppo"))
 
 
 def _args(tiny_model_dir, prompt_file, out, **kw):

@@ -1,7 +1,7 @@
 """Our SFT (sft.py) against TRL's SFTTrainer and our reward model (reward.py) against TRL's RewardTrainer: same
 model, rows, batch, max length, truncation and precision.
 
-    python benchmarks/bench_sft_reward.py --trl-python /tmp/trl-venv/bin/python     # ~10 min on the 2-core CPU
+    python benchmarks/bench_sft_reward.py --trl-python /tmp/trl-venv/bin/python     # ~4 min on the 2-core CPU
     python benchmarks/bench_sft_reward.py --warmup-steps 1 --timed-steps 1 --configs ours-sft,trl-sft   # a quick check
 
 Every configuration runs in its own fresh process (ours with this interpreter, TRL with --trl-python, where TRL is
@@ -280,10 +280,11 @@ def summarize(res: dict, warmup: int) -> dict:
         return sum(xs) / len(xs) if xs else None
     timed = res["step_s"][warmup:]
     med = statistics.median(timed)
-    t_mean = mean("tokens")
-    return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "tokens_mean": t_mean,
+    # the steps' rows differ in length: throughput over all timed steps together, not from the median step
+    tok_per_s = sum(res["tokens"][warmup:]) / sum(timed)
+    return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "tokens_mean": mean("tokens"),
                   "positions_mean": mean("positions"), "loss_tokens_mean": mean("loss_tokens"),
-                  "rows_mean": mean("rows"), "tokens_per_s": t_mean / med, "s_per_token": med / t_mean}
+                  "rows_mean": mean("rows"), "tokens_per_s": tok_per_s, "s_per_token": 1 / tok_per_s}
 
 
 def same_tokens(a: dict, b: dict) -> bool:
@@ -318,7 +319,8 @@ def render(results: dict, order: list[str], meta: dict) -> str:
     L.append("- tokens/step = non-pad tokens of the step's sequences (SFT: prompt + completion; reward: prompt + "
              "chosen and prompt + rejected); positions = what went through the model (padding included; ours' "
              "packed row stores a prefix shared by sequences once, and reward.py adds one sentinel per sequence); "
-             "loss tokens = tokens in the SFT loss; tokens/s = tokens/step / median s/step")
+             "loss tokens = tokens in the SFT loss; tokens/s = the timed steps' tokens / their seconds (the rows "
+             "of a step, hence its time, vary from step to step)")
     L.append("- peak RSS: 'train' = VmHWM of the worker process reset just before the first step (training "
              "phase only); 'process' = ru_maxrss over the process's life (loading, tokenization, training)")
     L.append(f"- load average (1/5/15 min) at start: {meta['load_start']}; at end: {meta['load_end']}\n")
@@ -352,8 +354,9 @@ def render(results: dict, order: list[str], meta: dict) -> str:
         L.append("Notes: " + "; ".join(notes) + ".\n")
 
     L.append("## Ratios ours / TRL\n")
-    L.append("time/token = (s/step / tokens/step) ours over TRL: the s/step ratio where both sides train the same "
-             "rows (same tokens), the fair one against TRL's packing (more rows per step).\n")
+    L.append("time/token = TRL's tokens/s over ours (all timed steps): where both sides train the same rows (same "
+             "tokens) it is the ratio of their total timed seconds; against TRL's packing (more rows per step) it is "
+             "the fair one. s/step ours/TRL compares the medians.\n")
     L.append("| ours | TRL | same tokens/step | s/step ours/TRL | time/token ours/TRL | speed-up (tokens/s TRL->ours) "
              "| peak RSS train ours/TRL | peak RSS process ours/TRL |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -417,7 +420,17 @@ def main() -> None:
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--rerender", metavar="RESULTS_JSON",
+                   help="only rewrite --output from a run's results.json (its raw per-step numbers)")
     a = p.parse_args()
+
+    if a.rerender:
+        saved = json.loads(Path(a.rerender).read_text())
+        meta, order = saved["meta"], list(saved["results"])
+        results = {name: summarize(r, meta["warmup"]) for name, r in saved["results"].items()}
+        Path(a.output).write_text(render(results, order, meta))
+        print(f"written to {a.output}")
+        return
 
     if a.worker:
         spec = json.loads(Path(a.spec).read_text())

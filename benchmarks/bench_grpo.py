@@ -1,7 +1,7 @@
 """Our GRPO (grpo.py's GRPOTrainer) against TRL's GRPOTrainer: same model, prompts, reward, group size, token cap,
 sampling, loss type, beta, updates per generation and precision.
 
-    python benchmarks/bench_grpo.py --trl-python /tmp/trl-venv/bin/python       # ~8 min on the 2-core CPU
+    python benchmarks/bench_grpo.py --trl-python /tmp/trl-venv/bin/python       # ~3 min on the 2-core CPU
     python benchmarks/bench_grpo.py --warmup-steps 1 --timed-steps 1 --configs ours,trl-defaults   # a quick check
 
 Every configuration runs in its own fresh process (ours with this interpreter, TRL with --trl-python, where TRL is
@@ -145,7 +145,7 @@ def render(results: dict, runs: list[str], meta: dict) -> str:
     L.append(f"- loss and updates: loss type dapo, beta 0 (no reference model on either side), "
              f"num_iterations {meta['num_iterations']} (one optimizer step over all {bs} episodes per generation, so "
              f"neither side computes old-policy log-probs), gradient accumulation 1, clip epsilon 0.2")
-    L.append("- otherwise each side's defaults, which do not change the work per iteration (ours: lr 2e-5, AdamW; "
+    L.append("- otherwise each side's defaults, which do not change the work per iteration (ours: lr 2e-5, fused AdamW; "
              "TRL: lr 1e-6, adamw_torch_fused, a log record every 10 optimizer steps)")
     L.append(f"- timing: {meta['warmup']} warm-up + {meta['timed']} timed iterations per configuration, each in a "
              f"fresh process; s/iteration = median [min-max]. Ours: `trainer.training_step()`. TRL: from the "

@@ -137,6 +137,7 @@ def worker_trl(spec: dict) -> dict:
         return arithmetic_reward(prompts, texts, answer)
 
     n_steps = spec["warmup_steps"] + spec["timed_steps"]
+    mu = spec.get("num_iterations", 2)  # optimizer steps per generation round (bench_grpo.py: 1)
     with open(spec["prompts"]) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     ds = datasets.Dataset.from_list(rows)
@@ -144,9 +145,9 @@ def worker_trl(spec: dict) -> dict:
     bs, g = spec["batch_size"], spec["num_generations"]
     # per_device_train_batch_size = the whole generation batch and no accumulation: steps_per_generation defaults to
     # gradient_accumulation_steps = 1, so generation_batch_size = bs and each optimizer step sees all bs episodes;
-    # num_iterations=2 reuses the batch for a second optimizer step (ours: ppo_epochs 2 x num_minibatches 1)
+    # num_iterations=mu reuses the batch for mu optimizer steps (ours: ppo_epochs 2 x num_minibatches 1)
     kwargs = dict(output_dir=spec["output_dir"], per_device_train_batch_size=bs, gradient_accumulation_steps=1,
-                  num_generations=g, num_iterations=2, max_steps=2 * n_steps,
+                  num_generations=g, num_iterations=mu, max_steps=mu * n_steps,
                   max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0,
                   shuffle_dataset=False, bf16=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=1,
                   use_cpu=not torch.cuda.is_available())  # bf16 on CPU needs use_cpu (else an error)
@@ -219,13 +220,13 @@ def worker_trl(spec: dict) -> dict:
     trainer.train()
     hwm = vm_hwm_bytes() if state["reset_ok"] else None
     rounds, steps = state["rounds"], state["times"]
-    if len(steps) != 2 * n_steps or len(rounds) != n_steps:
+    if len(steps) != mu * n_steps or len(rounds) != n_steps:
         raise RuntimeError(f"TRL ran {len(steps)} optimizer steps / {len(rounds)} generations, expected "
-                           f"{2 * n_steps} / {n_steps}")
-    if [r["at_step"] for r in rounds] != list(range(0, 2 * n_steps, 2)) or any(r["episodes"] != bs for r in rounds):
+                           f"{mu * n_steps} / {n_steps}")
+    if [r["at_step"] for r in rounds] != list(range(0, mu * n_steps, mu)) or any(r["episodes"] != bs for r in rounds):
         raise RuntimeError(f"unexpected generation rounds: {[(r['at_step'], r['episodes']) for r in rounds]}")
-    # iteration i = optimizer steps 2i and 2i+1: the generation round that opens step 2i and both updates
-    iters = [steps[2 * i] + steps[2 * i + 1] for i in range(n_steps)]
+    # iteration i = optimizer steps mu*i .. mu*i+mu-1: the generation round that opens step mu*i and all mu updates
+    iters = [sum(steps[mu * i:mu * (i + 1)]) for i in range(n_steps)]
     split = {"generation": [r["gen_s"] for r in rounds], "scoring": [r["score_s"] for r in rounds],
              "logprobs": [r["total_s"] - r["gen_s"] - r["score_s"] for r in rounds],
              "update": [t - r["total_s"] for t, r in zip(iters, rounds)]}
@@ -237,7 +238,7 @@ def worker_trl(spec: dict) -> dict:
     if dtype != torch.float32:
         notes.append(f"policy weights are {dtype}")
     return {"iter_s": iters, "step_s": steps, "gen_tokens": [r["gen_tokens"] for r in rounds], "split": split,
-            "prompts": [r["prompts"] for r in rounds], "setup_s": setup_s, "optimizer_steps_per_iter": 2,
+            "prompts": [r["prompts"] for r in rounds], "setup_s": setup_s, "optimizer_steps_per_iter": mu,
             "train_peak_rss": hwm, "process_peak_rss": process_peak_bytes(),
             "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "notes": notes,
@@ -257,14 +258,16 @@ def base(run: str) -> str:
     return run.split("#")[0]
 
 
-def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int) -> dict:
+def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int,
+               script: Path | None = None) -> dict:
+    """Run one configuration as `python script --worker SIDE` (script: this file unless another bench reuses it)."""
     spec = dict(base_spec, name=name, ours_kwargs=cfg.get("ours_kwargs", {}), trl_kwargs=cfg.get("trl_kwargs", {}),
                 output_dir=str(work / f"out-{name}"))
     spec_file, result_file, log_file = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [python, str(Path(__file__).resolve()), "--worker", cfg["side"], "--spec", str(spec_file),
+    cmd = [python, str(Path(script or __file__).resolve()), "--worker", cfg["side"], "--spec", str(spec_file),
            "--result", str(result_file)]
     load_before = loadavg()
     t = time.perf_counter()

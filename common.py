@@ -711,7 +711,8 @@ class BaseTrainer(ABC):
         self.setup_data()
         self.sampler = ShardedSampler(len(self.train_data), args.batch_size, self.dist.rank, self.dist.world_size,
                                       args.seed)
-        self.wrapped = self.wrap_model(self.model)  # before the optimizer: FSDP2 swaps parameters for DTensors
+        # DDP or FSDP2 in place; before the optimizer: FSDP2 swaps parameters for DTensors
+        self.wrapped = self.shard(self.model) if self.fsdp else wrap_ddp(self.model, self.dist)
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.global_step = self.skipped_steps = 0
@@ -766,38 +767,10 @@ class BaseTrainer(ABC):
     def fsdp(self) -> bool:
         return self.args.strategy == "fsdp" and dist.is_initialized()
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """DDP (without buffer broadcasts, so eval forwards need no collectives) or FSDP2 in place. Under FSDP every
-        forward is a collective: all ranks must run the same number of them."""
-        if self.fsdp:
-            return self.shard(model)
-        if self.dist.world_size == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   broadcast_buffers=False)
-
     def shard(self, model: nn.Module) -> nn.Module:
         """FSDP2 on each decoder layer, then on the HF model as root; a wrapper that is no HF model (PPO's
         ActorCritic) gets one root per child, so `policy.generate` can run alone. A no-op without --strategy fsdp."""
         return shard_model(model, self.dist, self.args.precision) if self.fsdp else model
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the last of its step."""
-        if hasattr(self.wrapped, "no_sync"):
-            with self.wrapped.no_sync():
-                yield
-            return
-        from torch.distributed.fsdp import FSDPModule
-        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.set_requires_gradient_sync(False, recurse=False)
-        try:
-            yield
-        finally:
-            for m in units:
-                m.set_requires_gradient_sync(True, recurse=False)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         a, params = self.args, [p for p in model.parameters() if p.requires_grad]
@@ -846,7 +819,7 @@ class BaseTrainer(ABC):
         self._token_scale = (n * self.dist.world_size, tokens.item())
         for i, batch in enumerate(batches):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-batch
-            with contextlib.nullcontext() if i == n - 1 or self.dist.world_size == 1 else self.no_sync():
+            with contextlib.nullcontext() if i == n - 1 or self.dist.world_size == 1 else no_sync(self.wrapped):
                 with self.autocast():
                     out = self.compute_loss(self.wrapped, batch)
                 (out.loss / n).backward()
@@ -1056,6 +1029,48 @@ def seed_everything(seed: int) -> None:
     # same seed on every rank: identical model init everywhere; sampling gets its own per-rank offset
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def wrap_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """DDP without buffer broadcasts, so eval forwards need no collectives (the bare model on one process)."""
+    if dist_info.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
+               broadcast_buffers=False)
+
+
+@contextlib.contextmanager
+def no_sync(wrapped: nn.Module):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) for a micro-batch that is not the last of its step."""
+    if hasattr(wrapped, "no_sync"):
+        with wrapped.no_sync():
+            yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def stopwatch(device: torch.device):
+    """Each call returns the seconds since the previous one (CUDA work finished first): ppo.py's and grpo.py's
+    per-phase times."""
+    last = time.perf_counter()
+
+    def lap() -> float:
+        nonlocal last
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, last = now - last, now
+        return elapsed
+    return lap
 
 
 def shard_model(model: nn.Module, dist_info: DistInfo, precision: str) -> nn.Module:

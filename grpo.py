@@ -19,7 +19,6 @@ Prompt rows are {"prompt": str or messages, ...}; the other fields reach the rew
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Callable
@@ -32,7 +31,7 @@ from torch import nn
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
                     add_lora, call_reward_fn, check_flag, generate, left_pad, load_reward_fn, progress,
-                    prompt_examples, rank_batches, run_main, train_eval_rows)
+                    prompt_examples, rank_batches, run_main, stopwatch, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
@@ -339,7 +338,7 @@ class GRPOTrainer(BaseTrainer):
 
     @torch.no_grad()
     def rollout(self) -> tuple[dict, dict[str, float], list]:
-        a, clock = self.args, self.clock()
+        a, clock = self.args, stopwatch(self.device)
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
         # each prompt repeated G times, groups contiguous. HF generate has no "prefill once, sample G": its
         # num_return_sequences expands the inputs before the prefill, exactly as this repeat does.
@@ -375,19 +374,6 @@ class GRPOTrainer(BaseTrainer):
         return [Batch({k: v[s:s + size] for k, v in t.items()}, size, int(t["attention_mask"][s:s + size].sum()),
                       num_loss_tokens=int(t["loss_mask"][s:s + size].sum())) for s in range(0, n, size)]
 
-    def clock(self):
-        """A stopwatch: each call returns the seconds since the previous one (CUDA work finished first)."""
-        last = time.perf_counter()
-
-        def lap() -> float:
-            nonlocal last
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            elapsed, last = now - last, now
-            return elapsed
-        return lap
-
     def compute_loss(self, model, batch: Batch) -> LossOutput:
         """The clipped surrogate (+ beta x k3 KL) of one micro-batch, aggregated by --loss-type."""
         a, t = self.args, batch.tensors
@@ -409,7 +395,7 @@ class GRPOTrainer(BaseTrainer):
     def training_step(self) -> StepOutput:
         a = self.args
         t, metrics, self._samples = self.rollout()
-        clock = self.clock()
+        clock = stopwatch(self.device)
         window, grad_norms = MetricWindow(), []
         for _ in range(a.num_iterations):
             w, norm = self.optimizer_step(self.micro_batches(t))

@@ -13,7 +13,6 @@ Prompt rows are {"prompt": str or messages, ...}; the other fields reach the rew
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -25,7 +24,7 @@ from torch import nn
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
                     add_lora, call_reward_fn, check_flag, generate, left_pad, load_model, load_reward_fn, progress,
-                    prompt_examples, rank_batches, run_main, train_eval_rows)
+                    prompt_examples, rank_batches, run_main, stopwatch, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
 
 
@@ -399,7 +398,7 @@ class PPOTrainer(BaseTrainer):
     @torch.no_grad()
     def rollout(self) -> tuple[RolloutBuffer, dict[str, float], list]:
         """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
-        a, clock = self.args, self.clock()
+        a, clock = self.args, stopwatch(self.device)
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
         prompts, responses, mask, has_eos = self.generate(examples, greedy=False)
         time_generate = clock()
@@ -445,19 +444,6 @@ class PPOTrainer(BaseTrainer):
                    for e, r, s in zip(examples[:3], texts, scores.tolist())]
         return RolloutBuffer(t, [e["loc"] for e in examples]), {k: float(v) for k, v in metrics.items()}, samples
 
-    def clock(self):
-        """A stopwatch: each call returns the seconds since the previous one (CUDA work finished first)."""
-        last = time.perf_counter()
-
-        def lap() -> float:
-            nonlocal last
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            elapsed, last = now - last, now
-            return elapsed
-        return lap
-
     def compute_loss(self, model, batch: Batch) -> LossOutput:
         """The clipped PPO loss of one rollout-buffer micro-batch."""
         a, t = self.args, batch.tensors
@@ -474,7 +460,7 @@ class PPOTrainer(BaseTrainer):
     def training_step(self) -> StepOutput:
         a = self.args
         buffer, metrics, self._samples = self.rollout()
-        clock = self.clock()
+        clock = stopwatch(self.device)
         window, grad_norms = MetricWindow(), []
         for _ in range(a.ppo_epochs):
             for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps):

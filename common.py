@@ -1073,7 +1073,9 @@ def stopwatch(device: torch.device):
     return lap
 
 
-def shard_model(model: nn.Module, dist_info: DistInfo, precision: str) -> nn.Module:
+def shard_model(model: nn.Module, dist_info: DistInfo, precision: str, roots: list[nn.Module] | None = None) -> nn.Module:
+    """roots: the modules whose forward is called (each gathers its own parameters); default: an HF model itself, or
+    each child of a wrapper."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import PreTrainedModel
@@ -1084,10 +1086,10 @@ def shard_model(model: nn.Module, dist_info: DistInfo, precision: str) -> nn.Mod
     for m in model.modules():
         if type(m).__name__ in layer_names:
             fully_shard(m, **kw)
-    if isinstance(model, PreTrainedModel):
-        return fully_shard(model, **kw)
-    for child in model.children():  # tied weights live inside one child, so they stay in one unit
-        fully_shard(child, **kw)
+    if roots is None:  # tied weights live inside one child, so they stay in one unit
+        roots = [model] if isinstance(model, PreTrainedModel) else list(model.children())
+    for root in roots:
+        fully_shard(root, **kw)
     return model
 
 

@@ -31,10 +31,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import UserError
 
 PACKED_ATTENTION = "segment_sdpa"
+NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _segment_calls = 0
 
 
@@ -89,8 +91,13 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     if fp32:
         query, key, value = query.float(), key.float(), value.float()
+        backends = torch.autocast("cpu", enabled=False)
+    elif query.is_cuda:  # cuDNN's sdpa (PyTorch's first choice for bf16 on sm90+) builds a graph per new shape, and
+        backends = sdpa_kernel(NOT_CUDNN)  # every segment is one; flash / mem-efficient kernels take any shape
+    else:
+        backends = contextlib.nullcontext()
     out = []
-    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+    with backends:
         # split, not slice: the backward of each slice would allocate and zero a row-sized gradient, the backward of
         # one split concatenates the pieces' gradients once
         sizes = [q1 - q0 for q0, q1, _ in attn_segments]

@@ -24,7 +24,7 @@ from torch import nn
 
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_text,
-                    encode_completion, encode_prompt, load_model, print0, run_main, train_eval_rows)
+                    encode_completion, encode_prompt, load_model, print0, run_main, shard_model, train_eval_rows)
 from packing import pack_prefix_tree, segment_forward, use_segment_attention
 
 
@@ -156,6 +156,10 @@ class RewardTrainer(BaseTrainer):
 
     def hf_model(self) -> nn.Module:
         return self.model.classifier
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 with the wrapper as the one root: its forward calls the decoder and the head, not the classifier."""
+        return shard_model(model, self.dist, self.args.precision, roots=[model]) if self.fsdp else model
 
     def setup_data(self) -> None:
         a = self.args

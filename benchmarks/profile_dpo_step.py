@@ -54,21 +54,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--no-precompute", action="store_true", help="run the reference forward inside the step")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--cudnn-sdp", default="on", choices=["on", "off"], help="CUDA: allow cuDNN's sdpa kernels")
     a = p.parse_args()
 
+    import torch
     from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(a.cudnn_sdp == "on")
 
     import dpo
     from bench_dpo import matmul_peak, select_rows
     from common import bundled_model_dir
 
-    model_dir = str(bundled_model_dir())
+    model_dir = a.model or str(bundled_model_dir())
     n = a.batch_size * (a.warmup_steps + a.steps)
     rows, _ = select_rows(Path(a.data), model_dir, n + 1, a.max_length)
     work = Path(tempfile.mkdtemp(prefix="profile_dpo_"))
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
     (work / "eval.jsonl").write_text(json.dumps(rows[n]) + "\n")
-    args = dpo.Args(dataset=str(work / "rows.jsonl"), eval_dataset=str(work / "eval.jsonl"),
+    args = dpo.Args(model=model_dir, dataset=str(work / "rows.jsonl"), eval_dataset=str(work / "eval.jsonl"),
                     output_dir=str(work / "out"), total_steps=a.warmup_steps + a.steps, batch_size=a.batch_size,
                     max_length=a.max_length, max_prompt_length=a.max_length, precision=a.precision,
                     learning_rate=1e-6, warmup_steps=0, precompute_ref_logps=not a.no_precompute)
@@ -89,9 +95,11 @@ def main() -> None:
         trainer.training_step()
     computed.clear()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(a.steps):
             trainer.training_step()
+        if cuda:
+            torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / a.steps
     peaks = matmul_peak()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -112,6 +120,14 @@ def main() -> None:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:a.top]:
         print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / a.steps:.1f} | {100 * e.self_cpu_time_total / total:.1f}% | "
               f"{e.count // a.steps} |")
+    if cuda:  # where the GPU's own time goes
+        dev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        dev_total = sum(e.self_device_time_total for e in dev)
+        print(f"\nGPU busy {dev_total / 1e3 / a.steps:.1f} ms/step of {1e3 * step_s:.1f} ms (cuDNN sdpa {a.cudnn_sdp})")
+        print("\n| operator | self GPU ms/step | share | calls/step |\n| --- | --- | --- | --- |")
+        for e in sorted(dev, key=lambda e: -e.self_device_time_total)[:a.top]:
+            print(f"| `{e.key}` | {e.self_device_time_total / 1e3 / a.steps:.1f} | "
+                  f"{100 * e.self_device_time_total / dev_total:.1f}% | {e.count // a.steps} |")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 pad == EOS, packed == padded, the export ppo.py reads, bad input."""
 import json
 import math
+import subprocess
 
 import pytest
 import torch
 
 from common import UserError
-from conftest import read_metrics, script_args
+from conftest import ENV, ROOT, capture_grads, read_metrics, script_args, tiny_flags
 from reward import RewardTrainer, collate, reward_loss
 
 
@@ -136,3 +137,23 @@ def test_lora_trains_adapters_and_the_head_and_exports_a_classifier(tiny_model_d
     ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
     torch.testing.assert_close(reward_model_scores(rm, ids, mask), ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_gradients_equal_single_process(tiny_model_dir, pairs_file, tmp_path):
+    """FSDP2 x2 (batch 2 each) == 1 process x batch 4, on the gradients each step. The scorer calls the decoder and
+    the head directly, so the wrapper must be the FSDP root that gathers them (else: DTensor mixed with Tensor)."""
+    single = _trainer(tiny_model_dir, pairs_file, tmp_path / "single", batch_size=4, max_grad_norm=0.0, total_steps=2)
+    grads = capture_grads(single)
+    single.train()
+    flags = tiny_flags(tiny_model_dir, pairs_file, tmp_path / "fsdp", batch_size=2, max_grad_norm=0.0, total_steps=2,
+                       eval_every=0, save_every=0, seed=3) + ["--strategy", "fsdp"]
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29557", "tests/parity_worker.py",
+                        str(tmp_path / "fsdp.pt"), "reward"] + flags, cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fsdp = torch.load(tmp_path / "fsdp.pt")["grads"]
+    assert len(fsdp) == len(grads) == 2
+    for a, b in zip(grads, fsdp):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=2e-4, atol=1e-6, msg=n)

@@ -568,11 +568,22 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
 
 @torch.no_grad()
 def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False):
+             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1):
     """Sample from exactly softmax(logits / temperature) (nucleus top_p if < 1), or greedy with temperature 0.
     Every other logits processor a model's generation_config may carry (repetition_penalty, min_p, top_k, ...) is
-    off: the policy-gradient log-probs assume this distribution. -> truncate_after_eos(responses)."""
+    off: the policy-gradient log-probs assume this distribution. num_samples > 1: each prompt is sampled that many
+    times (rows in groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's
+    num_return_sequences would prefill every copy). -> truncate_after_eos(responses)."""
     from transformers import GenerationConfig
+    kw = {}
+    if num_samples > 1:
+        if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples
+            ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+            kw["cache"] = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                logits_to_keep=1).cache
+            kw["cache"].batch_repeat_interleave(num_samples)
+        input_ids, attention_mask = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask))
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
                               else None, top_p=top_p if sample else None, top_k=0 if sample else None,
@@ -581,7 +592,7 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
     saved, owner.generation_config = owner.generation_config, GenerationConfig()  # the model's own fills no gaps
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             synced_gpus=synced)
+                             synced_gpus=synced, **kw)
     finally:
         owner.generation_config = saved
     return truncate_after_eos(out[:, input_ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)

@@ -252,14 +252,18 @@ class GRPOTrainer(BaseTrainer):
 
     # --- one iteration ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[dict], greedy: bool):
-        """-> (prompt batch, completions [N, L] padded after the first EOS, mask [N, L], has_eos [N])."""
+    def generate(self, examples: list[dict], greedy: bool, num_samples: int = 1):
+        """Each prompt num_samples times, groups contiguous, from one prefill per prompt. -> (prompt batch of every
+        sample, completions [N, L] padded after the first EOS, mask [N, L], has_eos [N])."""
         a = self.args
         prompts = self.make_batch(examples).to(self.device)
         self.model.eval()
         with self.autocast():
             out = generate(self.model, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
-                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp)
+                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
+                           num_samples=num_samples)
+        if num_samples > 1:
+            prompts = self.make_batch([e for e in examples for _ in range(num_samples)]).to(self.device)
         return prompts, *out
 
     def score(self, examples: list[dict], completions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,10 +344,8 @@ class GRPOTrainer(BaseTrainer):
     def rollout(self) -> tuple[dict, dict[str, float], list]:
         a, clock = self.args, stopwatch(self.device)
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
-        # each prompt repeated G times, groups contiguous. HF generate has no "prefill once, sample G": its
-        # num_return_sequences expands the inputs before the prefill, exactly as this repeat does.
-        group_examples = [e for e in examples for _ in range(a.num_generations)]
-        prompts, completions, mask, has_eos = self.generate(group_examples, greedy=False)
+        group_examples = [e for e in examples for _ in range(a.num_generations)]  # groups contiguous
+        prompts, completions, mask, has_eos = self.generate(examples, greedy=False, num_samples=a.num_generations)
         time_generate = clock()
         rewards, per_fn = self.score(group_examples, completions)
         time_score = clock()

@@ -141,6 +141,29 @@ def test_groups_stay_whole_and_share_their_prompt(tiny_model_dir, task_dir, tmp_
     torch.testing.assert_close(tr.completion_logps(tr.model, t), logps, rtol=1e-5, atol=1e-5)
 
 
+def test_one_prefill_per_prompt_samples_as_repeated_prompts(tiny_model_dir):
+    """generate(num_samples=G) == generate on the prompts repeated G times (greedy, and sampled under one seed), while
+    the prompt goes through the model once per prompt, not once per sample."""
+    from transformers import AutoModelForCausalLM
+
+    from common import generate, left_pad, load_tokenizer
+    tok, model = load_tokenizer(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids, mask = left_pad([tok("the cat sat")["input_ids"], tok("a dog ran up the mat")["input_ids"]], tok.pad_token_id)
+    rep = [t.repeat_interleave(3, 0) for t in (ids, mask)]
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        for temperature in (0.0, 1.0):
+            torch.manual_seed(0)
+            plain = generate(model, tok, *rep, 6, temperature)
+            seen.clear()
+            torch.manual_seed(0)
+            shared = generate(model, tok, ids, mask, 6, temperature, num_samples=3)
+            for a, b in zip(plain, shared):
+                assert torch.equal(a, b)
+    assert seen[:2] == [(2, ids.shape[1] - 1), (6, 1)]  # the prefill once per prompt, then one token per sample
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"num_generations": 1}, r"--num-generations 1: must be >= 2"),
     ({"batch_size": 3, "gradient_accumulation_steps": 2}, r"--batch-size 3 prompts cannot be split into"),

@@ -131,6 +131,18 @@ def capture_grads(trainer):
     return grads
 
 
+def torchrun_grads_match(script: str, flags: list[str], out_pt, port: int, expected: list[dict]) -> None:
+    """tests/parity_worker.py under torchrun x2 (gloo): its gradients at every step equal `expected` (1 process)."""
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", f"--master_port={port}", "tests/parity_worker.py",
+                        str(out_pt), script] + flags, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out_pt)["grads"]
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=2e-4, atol=1e-6, msg=n)
+
+
 def write_sft_rows(path: Path, n: int, seed: int = 0) -> str:
     """SFT rows of both forms: prompt/completion strings and multi-turn conversations of varying length."""
     rng = random.Random(seed)

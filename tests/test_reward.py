@@ -2,13 +2,12 @@
 pad == EOS, packed == padded, the export ppo.py reads, bad input."""
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 
 from common import UserError
-from conftest import ENV, ROOT, capture_grads, read_metrics, script_args, tiny_flags
+from conftest import capture_grads, read_metrics, script_args, tiny_flags, torchrun_grads_match
 from reward import RewardTrainer, collate, reward_loss
 
 
@@ -148,12 +147,4 @@ def test_fsdp_gradients_equal_single_process(tiny_model_dir, pairs_file, tmp_pat
     single.train()
     flags = tiny_flags(tiny_model_dir, pairs_file, tmp_path / "fsdp", batch_size=2, max_grad_norm=0.0, total_steps=2,
                        eval_every=0, save_every=0, seed=3) + ["--strategy", "fsdp"]
-    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29557", "tests/parity_worker.py",
-                        str(tmp_path / "fsdp.pt"), "reward"] + flags, cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    fsdp = torch.load(tmp_path / "fsdp.pt")["grads"]
-    assert len(fsdp) == len(grads) == 2
-    for a, b in zip(grads, fsdp):
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=2e-4, atol=1e-6, msg=n)
+    torchrun_grads_match("reward", flags, tmp_path / "fsdp.pt", 29557, grads)

@@ -1,15 +1,14 @@
 """SFT: which tokens are in the loss (multi-turn, bundled template), packed == padded == naive, token-mean invariance
 across accumulation and world size, bad input, smoke run; the SFT -> reward model -> PPO / DPO pipeline."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from common import UserError, load_tokenizer
-from conftest import (ENV, ROOT, build_model, build_tokenizer, capture_grads, read_metrics, run, script_args,
-                      tiny_flags)
+from conftest import (build_model, build_tokenizer, capture_grads, read_metrics, run, script_args, tiny_flags,
+                      torchrun_grads_match)
 from packing import kept_logits, label_logps, use_segment_attention
 from sft import SFTTrainer, collate, sft_loss, tokenize_conversation, tokenize_row
 
@@ -120,15 +119,7 @@ def test_ddp_gradients_equal_single_process(tiny_model_dir, sft_file, tmp_path):
     single.train()
     flags = tiny_flags(tiny_model_dir, sft_file, tmp_path / "ddp", batch_size=2, max_grad_norm=0.0, total_steps=2,
                        eval_every=0, save_every=0, seed=3)
-    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29551", "tests/parity_worker.py",
-                        str(tmp_path / "ddp.pt"), "sft"] + flags, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp.pt")["grads"]
-    assert len(ddp) == len(grads) == 2
-    for a, b in zip(grads, ddp):
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=2e-4, atol=1e-6, msg=n)
+    torchrun_grads_match("sft", flags, tmp_path / "ddp.pt", 29551, grads)
 
 
 def test_smoke_run_metrics_and_export(tiny_model_dir, sft_file, tmp_path):

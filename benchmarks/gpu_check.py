@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,10 +35,13 @@ def sh(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> tupl
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or os.environ.copy(),
+                                start_new_session=True)  # its own process group: a timeout ends its workers too
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout,
-                                env=env or os.environ.copy()).returncode
+            rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
     return rc, time.perf_counter() - t
 
@@ -144,8 +148,9 @@ def main() -> None:
     p.add_argument("--grpo-batch-size", type=int, default=256, help="episodes per iteration")
     p.add_argument("--grpo-max-new-tokens", type=int, default=128)
     p.add_argument("--parts", default="smoke,dpo,grpo,tests", help="comma-separated")
-    p.add_argument("--smoke-timeout", type=int, default=240)
-    p.add_argument("--test-timeout", type=int, default=120)
+    p.add_argument("--smoke-timeout", type=int, default=150)
+    p.add_argument("--bench-timeout", type=int, default=200, help="seconds per benchmark (the whole run stays < 10 min)")
+    p.add_argument("--test-timeout", type=int, default=100)
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +203,7 @@ def main() -> None:
                        "--configs", "ours-bf16,ours-bf16-pre,ours-fp32-pre", "--batch-size", str(a.dpo_batch_size),
                        "--max-length", str(a.dpo_max_length), "--warmup-steps", "3", "--timed-steps", "8",
                        "--output", str(out / "results_dpo_gpu.md"), "--workdir", str(work / "bench_dpo")],
-                      work / "bench_dpo.log", 600)
+                      work / "bench_dpo.log", a.bench_timeout)
         L.append(f"## DPO benchmark: exit {rc}, {wall:.0f} s; table in results_dpo_gpu.md\n")
         if (out / "results_dpo_gpu.md").exists():
             table = (out / "results_dpo_gpu.md").read_text().split("\n\n| ")[1]  # the first table
@@ -210,7 +215,7 @@ def main() -> None:
                        "--batch-size", str(a.grpo_batch_size), "--num-generations", "8", "--max-new-tokens",
                        str(a.grpo_max_new_tokens), "--warmup-steps", "1", "--timed-steps", "3",
                        "--output", str(out / "results_grpo_gpu.md"), "--workdir", str(work / "bench_grpo")],
-                      work / "bench_grpo.log", 600)
+                      work / "bench_grpo.log", a.bench_timeout)
         L.append(f"## GRPO benchmark: exit {rc}, {wall:.0f} s; table in results_grpo_gpu.md\n")
         if (work / "bench_grpo" / "results.json").exists():
             L += [f"{a.grpo_batch_size} episodes per iteration ({a.grpo_batch_size // 8} prompts x 8), at most "

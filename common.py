@@ -566,6 +566,26 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     return responses.masked_fill(~mask, pad_id), mask.float(), has_eos
 
 
+class CategoricalSampler:
+    """A logits processor that draws the next token from softmax(scores / temperature) (restricted to the nucleus
+    when top_p < 1, as transformers' TopPLogitsWarper) by inverse CDF, and returns scores whose argmax is that token.
+    One uniform per row: torch.multinomial draws one exponential per vocabulary entry, which is slow on CPU."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
+        if self.top_p < 1:  # the nucleus: most likely first, until the mass before a token reaches top_p
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # the most likely token always stays
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # [B, 1]; never p = 0
+        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1):
@@ -584,15 +604,15 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
                                 logits_to_keep=1).cache
             kw["cache"].batch_repeat_interleave(num_samples)
         input_ids, attention_mask = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask))
-    sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                              else None, top_p=top_p if sample else None, top_k=0 if sample else None,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    # greedy decoding over scores in which only the sampled token survives: sampling is CategoricalSampler's
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+    sampler = [CategoricalSampler(temperature, top_p)] if temperature > 0 else []
     owner = base_of(model)
     saved, owner.generation_config = owner.generation_config, GenerationConfig()  # the model's own fills no gaps
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             synced_gpus=synced, **kw)
+                             logits_processor=sampler, synced_gpus=synced, **kw)
     finally:
         owner.generation_config = saved
     return truncate_after_eos(out[:, input_ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)

@@ -141,6 +141,27 @@ def test_groups_stay_whole_and_share_their_prompt(tiny_model_dir, task_dir, tmp_
     torch.testing.assert_close(tr.completion_logps(tr.model, t), logps, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_sampler_draws_from_softmax_over_temperature_and_the_nucleus(top_p):
+    """CategoricalSampler's frequencies match softmax(logits / T) renormalised over transformers' top-p set; tokens
+    outside it (or at -inf) never appear."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from common import CategoricalSampler
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -math.inf], [0.3, 0.2, 0.1, 0.0, -0.1, -0.2]])
+    target = torch.softmax(logits / 0.7, -1)
+    if top_p < 1:
+        kept = TopPLogitsWarper(top_p)(None, logits / 0.7) > -math.inf
+        target = torch.where(kept, target, 0.0) / torch.where(kept, target, 0.0).sum(-1, keepdim=True)
+    n = 20000
+    out = CategoricalSampler(0.7, top_p)(None, logits.repeat_interleave(n, 0))
+    assert ((out == 0).sum(-1) == 1).all() and (out.argmax(-1) == (out == 0).float().argmax(-1)).all()
+    freq = torch.stack([torch.bincount(r.argmax(-1), minlength=6) / n for r in out.split(n)])
+    assert (freq[target == 0] == 0).all()
+    torch.testing.assert_close(freq, target, atol=0.015, rtol=0)  # ~4 binomial standard errors
+
+
 def test_one_prefill_per_prompt_samples_as_repeated_prompts(tiny_model_dir):
     """generate(num_samples=G) == generate on the prompts repeated G times (greedy, and sampled under one seed), while
     the prompt goes through the model once per prompt, not once per sample."""

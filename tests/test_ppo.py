@@ -281,7 +281,7 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
 
 def test_sampling_ignores_the_models_generation_config(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     """A model whose generation_config carries repetition_penalty and min_p: PPO still samples from exactly
-    softmax(logits / T) (only the temperature warper runs), so its log-probs and ratios stay on-policy."""
+    softmax(logits / T) (only our sampler runs), so its log-probs and ratios stay on-policy."""
     monkeypatch.syspath_prepend(str(prompt_file))
     tr = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, batch_size=4))
     policy = tr.model.policy
@@ -294,7 +294,7 @@ def test_sampling_ignores_the_models_generation_config(tiny_model_dir, prompt_fi
         return built[-1]
     monkeypatch.setattr(policy, "_get_logits_processor", record)
     tr.generate(tr.train_data[:4], greedy=False)
-    assert [type(p).__name__ for p in built[0]] == ["TemperatureLogitsWarper"]
+    assert [type(p).__name__ for p in built[0]] == ["CategoricalSampler"]
     tr.generate(tr.train_data[:4], greedy=True)
     assert [type(p).__name__ for p in built[1]] == []
     assert policy.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was

@@ -725,13 +725,14 @@ class BaseTrainer(ABC):
     script_name = "train"
     summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
     samples_per_s_key = "samples_per_s"  # what a sample is called in the throughput metric
+    fixed_shapes = True  # False where every step allocates new shapes (rollouts): a kept heap would fragment and grow
 
     def __init__(self, args: TrainArgs):
         args.validate()
         self.args = args
         self.dist = setup_distributed()
         self.device = self.dist.device
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.fixed_shapes:
             keep_freed_memory()
         seed_everything(args.seed)
         self.output_dir = resolve_output_dir(args, self.script_name)

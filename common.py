@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -600,8 +601,10 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
         if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples
             ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+            last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+                base_of(model).forward).parameters else {}  # its logits are not used: generate recomputes them
             kw["cache"] = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                logits_to_keep=1).cache
+                                **last_only).cache
             kw["cache"].batch_repeat_interleave(num_samples)
         input_ids, attention_mask = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask))
     # greedy decoding over scores in which only the sampled token survives: sampling is CategoricalSampler's
@@ -1105,7 +1108,8 @@ def stopwatch(device: torch.device):
     return lap
 
 
-def shard_model(model: nn.Module, dist_info: DistInfo, precision: str, roots: list[nn.Module] | None = None) -> nn.Module:
+def shard_model(model: nn.Module, dist_info: DistInfo, precision: str,
+                roots: list[nn.Module] | None = None) -> nn.Module:
     """roots: the modules whose forward is called (each gathers its own parameters); default: an HF model itself, or
     each child of a wrapper."""
     from torch.distributed.device_mesh import init_device_mesh

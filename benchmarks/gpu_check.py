@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--grpo-max-new-tokens", type=int, default=128)
     p.add_argument("--parts", default="smoke,dpo,grpo,tests", help="comma-separated")
     p.add_argument("--smoke-timeout", type=int, default=150)
-    p.add_argument("--bench-timeout", type=int, default=200, help="seconds per benchmark (the whole run stays < 10 min)")
+    p.add_argument("--bench-timeout", type=int, default=200, help="seconds per benchmark (the run stays < 10 min)")
     p.add_argument("--test-timeout", type=int, default=100)
     a = p.parse_args()
     out = Path(a.out)
@@ -184,7 +184,8 @@ def main() -> None:
         L += ["## Every script on CUDA, bf16, 4 steps on the built-in task (all run at once on the one GPU)\n",
               "eval = held-out greedy accuracy (reward.py: held-out pair accuracy) at the start and the end; dpo.py "
               "fsdp-resume continues the fsdp run from its step-4 checkpoint to step 6.\n",
-              "| script | mode | exit | wall s | last step | loss (grpo: reward) | grad norm | eval before -> after | final/ |",
+              "| script | mode | exit | wall s | last step | loss (grpo: reward) | grad norm | eval before -> after "
+              "| final/ |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for c in chains for r in c):
             fin = lambda x: "-" if x is None else f"{x:.4g}"

@@ -211,7 +211,7 @@ def logits_entropy(logits: torch.Tensor, temperature: float, chunk: int = 1024) 
 
 class GRPOTrainer(BaseTrainer):
     script_name = "grpo"
-    fixed_shapes = False  # rollouts allocate new shapes every step: a kept glibc heap fragments, RSS grows
+    fixed_shapes = False  # groups of ragged completions: new shapes every step fragment a kept glibc heap
     summary_keys = ("reward", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

@@ -277,7 +277,6 @@ def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tenso
 
 class PPOTrainer(BaseTrainer):
     script_name = "ppo"
-    fixed_shapes = False  # rollouts allocate new shapes every step: a kept glibc heap fragments, RSS grows
     summary_keys = ("scores", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

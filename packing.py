@@ -9,8 +9,9 @@ completion tokens. The fast path changes only how much work that takes:
   template's system prompt every PPO episode (prefix sharing, Wang et al. 2024, https://arxiv.org/abs/2410.20305).
   It is exact: each token sees exactly its own sequence's context, at its own position id, and a shared prefix's
   gradient is the sum of its branches', as with copies. No padding either.
-- `segment_attention` (registered with transformers' `AttentionInterface`): one sdpa call per trie node over its
-  ancestors and itself, so attention costs the sum of the segments' squared lengths, not the row's. Anything the
+- `segment_attention` (registered with transformers' `AttentionInterface`): each trie node attends its ancestors and
+  itself, so attention costs about the sum of the segments' squared lengths, not the row's; sibling nodes (a
+  prompt's completions) share one sdpa call per layer, each masked to its own branch. Anything the
   model's attention does that it does not implement (sliding windows shorter than a sequence, softcapping, sinks,
   recurrent layers) is refused with a pointer to `--no-padding-free`, never ignored. Forwards without segments
   (generation) fall through to plain sdpa.
@@ -66,7 +67,8 @@ def use_segment_attention(model: nn.Module) -> None:
 
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_segments=None,
                       **kwargs):
-    """Attention of a packed row, one sdpa call per segment. query [1, H, L, D], key/value [1, H_kv, L, D].
+    """Attention of a packed row, one sdpa call per group of sibling segments. query [1, H, L, D], key/value
+    [1, H_kv, L, D].
 
     attn_segments: (q_start, q_end, kv_spans) blocks covering the row in order; the queries attend the concatenated
     kv_spans causally, aligned at the end (query i sees keys up to i + len(kv) - len(q)). Every kv span is itself a
@@ -85,7 +87,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise UserError(f"--padding-free: this model's attention uses {unsupported}, which packed attention does not "
                         f"implement; run with --no-padding-free")
     _segment_calls += 1
-    n_rep = query.shape[1] // key.shape[1]
+    n_rep, sizes = query.shape[1] // key.shape[1], [q1 - q0 for q0, q1, _ in attn_segments]
     # CPU under bf16 autocast: the fp32 flash kernel's backward is faster than the bf16 one there, and attention is a
     # small share of the FLOPs; outside autocast, which would cast it back. RoPE already hands over fp32 q and k.
     fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -96,23 +98,68 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         backends = sdpa_kernel(NOT_CUDNN)  # every segment is one; flash / mem-efficient kernels take any shape
     else:
         backends = contextlib.nullcontext()
-    out = []
     with backends:
         # split, not slice: the backward of each slice would allocate and zero a row-sized gradient, the backward of
         # one split concatenates the pieces' gradients once
-        sizes = [q1 - q0 for q0, q1, _ in attn_segments]
         qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
-        piece = {(q0, q1): i for i, (q0, q1, _) in enumerate(attn_segments)}
-        for i, (q0, q1, spans) in enumerate(attn_segments):
-            k, v = (torch.cat([p[piece[s]] for s in spans], dim=2) if len(spans) > 1 else p[i] for p in (ks, vs))
-            lq, lk = q1 - q0, k.shape[2]
-            mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
+        out = [None] * len(attn_segments)
+        for members, ancestors, mask in _sibling_plan(attn_segments, query.device):
+            q = torch.cat([qs[i] for i in members], dim=2) if len(members) > 1 else qs[members[0]]
+            k, v = (torch.cat([p[j] for j in ancestors + members], dim=2) if len(ancestors) + len(members) > 1
+                    else p[members[0]] for p in (ks, vs))
             gqa = n_rep > 1
             if gqa and mask is not None and query.is_cuda:  # CUDA's fused kernels take a mask or GQA, not both
                 k, v, gqa = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1), False
-            out.append(F.scaled_dot_product_attention(qs[i], k, v, attn_mask=mask, is_causal=mask is None,
-                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                               scale=scaling, enable_gqa=gqa)
+            for i, piece in zip(members, o.split([sizes[i] for i in members], dim=2) if len(members) > 1 else [o]):
+                out[i] = piece
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
+
+
+_plan: tuple = (None, None)
+SIBLING_QUERIES = 256
+
+
+def _sibling_plan(segments: list, device) -> list[tuple[list[int], list[int], torch.Tensor | None]]:
+    """Segments with the same ancestors (a prompt's completions) attend in ONE sdpa call: their queries side by side,
+    each masked to the ancestors and, causally, itself. -> (members, ancestors (segment indices), mask or None for
+    plain causal). Many short siblings (GRPO's G completions) otherwise cost one call each per layer; long ones (SFT
+    rows under a shared system prompt) keep their own call. Built once per forward: every layer gets the same
+    segments."""
+    global _plan
+    if _plan[0] is segments:
+        return _plan[1]
+    piece = {(q0, q1): i for i, (q0, q1, _) in enumerate(segments)}
+    siblings: dict[tuple, list[int]] = {}
+    for i, (_, _, spans) in enumerate(segments):
+        siblings.setdefault(tuple(spans[:-1]), []).append(i)
+    groups = []  # at most SIBLING_QUERIES queries per call: the masked-out cross-sibling blocks grow quadratically
+    for ancestors, members in siblings.items():
+        for i in members:
+            n = segments[i][1] - segments[i][0]
+            if groups and groups[-1][0] == ancestors and groups[-1][2] + n <= SIBLING_QUERIES:
+                groups[-1][1].append(i)
+                groups[-1][2] += n
+            else:
+                groups.append([ancestors, [i], n])
+    plan = []
+    for ancestors, members, _ in groups:
+        ancestors = [piece[s] for s in ancestors]
+        n_anc = sum(segments[j][1] - segments[j][0] for j in ancestors)
+        lens = [segments[i][1] - segments[i][0] for i in members]
+        mask = None  # a lone segment without ancestors: plain causal
+        if ancestors or len(members) > 1:
+            mask = torch.zeros(sum(lens), n_anc + sum(lens), dtype=torch.bool)
+            mask[:, :n_anc] = True
+            o = 0
+            for n in lens:
+                mask[o:o + n, n_anc + o:n_anc + o + n] = torch.ones(n, n, dtype=torch.bool).tril_()
+                o += n
+            mask = mask.to(device)
+        plan.append((members, ancestors, mask))
+    _plan = (segments, plan)
+    return plan
 
 
 def pack_prefix_tree(seqs: list[list[int]], predict_from: list[int]) -> tuple[dict[str, torch.Tensor], list]:

@@ -63,6 +63,41 @@ def test_pack_prefix_tree_contexts():
         n = _check_packing(seqs, predict_from, tensors, segments)
         assert n <= sum(map(len, seqs)) - len(stem) * (len(seqs) - 1)  # the shared stem is packed once
 
+@pytest.mark.parametrize("sibling_queries", [256, 3])
+def test_packed_tries_equal_one_sequence_at_a_time(sibling_queries, monkeypatch):
+    """Random tries (a shared stem, groups of siblings of different lengths that share first tokens, duplicates,
+    a sequence that is a prefix of another) through segment_attention, siblings batched in sdpa calls (all of them,
+    or a few queries per call): the per-token log-probs and parameter gradients equal each sequence's own forward."""
+    import packing
+    from packing import kept_logits
+    monkeypatch.setattr(packing, "SIBLING_QUERIES", sibling_queries)
+    model = build_model(8, seed=1).eval()
+    use_segment_attention(model)
+    rng = random.Random(1)
+    for _ in range(6):
+        stem = [rng.randrange(8) for _ in range(rng.randint(1, 5))]
+        heads = [[rng.randrange(2) for _ in range(rng.randint(0, 2))] for _ in range(rng.randint(1, 3))]
+        seqs = [stem + h + [rng.randrange(8) for _ in range(rng.randint(1, 6))] for h in heads for _ in range(3)]
+        seqs += [seqs[0][:], seqs[-1][:max(1, len(seqs[-1]) - 2)]]
+        predict_from = [rng.randint(1, len(s) - 1) if len(s) > 1 else 1 for s in seqs]
+        seqs, predict_from = zip(*[(s, p) for s, p in zip(seqs, predict_from) if len(s) > p])
+        tensors, segments = pack_prefix_tree(list(seqs), list(predict_from))
+        labels = torch.tensor([t for s, p in zip(seqs, predict_from) for t in s[p:]])
+        w = torch.randn(len(labels))
+
+        def grads(logps):
+            model.zero_grad()
+            (logps * w).sum().backward()
+            return [q.grad.clone() for q in model.parameters()]
+        packed = label_logps(kept_logits(model, tensors, segments), labels)
+        packed_grads = grads(packed)
+        naive = torch.cat([torch.log_softmax(model(torch.tensor([s])).logits[0, p - 1:-1].float(), -1)
+                           .gather(-1, torch.tensor(s[p:])[:, None]).squeeze(-1) for s, p in zip(seqs, predict_from)])
+        torch.testing.assert_close(packed, naive.detach(), rtol=1e-5, atol=1e-5)
+        for g, ref in zip(packed_grads, grads(naive)):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
 def test_collate_masks_prompt_tokens():
     tok = build_tokenizer()
     exs = _examples(tok)

@@ -2,6 +2,7 @@
 
     python benchmarks/matmul_ceiling.py                     # SmolLM2-135M, bench_dpo's 534 computed tokens per step
     python benchmarks/matmul_ceiling.py --tokens 2048 --repeats 7
+    python benchmarks/matmul_ceiling.py --attention          # also: sdpa forward + backward, fp32 vs bf16
 
 HFU divides the formula's FLOPs (6 N T) by the step time and by the peak of a square `torch.mm` loop (bench_dpo's
 `matmul_peak`: the best of 1024^2 and 2048^2). A step's matmuls are not square: every Linear of the model is a
@@ -9,6 +10,9 @@ HFU divides the formula's FLOPs (6 N T) by the step time and by the peak of a sq
 gradient [out, T] x [T, in]). This times exactly those products in bf16 (fp32 too with --fp32), as autocast runs them,
 and reports their FLOP-weighted rate against the square peak measured in the same run: the ceiling that no removal
 of non-matmul work can lift. Attention's own products (per segment, tiny) are left out, which only helps the ceiling.
+
+--attention also times one sdpa forward + backward per segment shape, in fp32 and in bf16: packing.segment_attention
+runs CPU attention in fp32 under autocast, a choice this re-measures on the machine at hand.
 """
 from __future__ import annotations
 
@@ -50,12 +54,30 @@ def best_seconds(fn, repeats: int, min_time: float = 0.05) -> float:
     return min(samples)
 
 
+def attention_dtypes(repeats: int) -> None:
+    """sdpa forward + backward (GQA 9 query / 3 kv heads of 64, as SmolLM2), fp32 vs bf16, at packed-segment shapes."""
+    import torch
+    import torch.nn.functional as F
+    print("\n| queries x keys | fp32 ms | bf16 ms |\n| --- | --- | --- |")
+    for lq, lk in ((180, 180), (256, 260), (600, 600), (8, 52), (64, 108)):
+        row = []
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(1, 9, lq, 64, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(1, 3, lk, 64, dtype=dtype, requires_grad=True) for _ in range(2))
+            mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool).tril_(lk - lq)
+            grad = torch.randn(1, 9, lq, 64, dtype=dtype)
+            row.append(1e3 * best_seconds(lambda: F.scaled_dot_product_attention(  # noqa: B023
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True).backward(grad), repeats))
+        print(f"| {lq} x {lk} | {row[0]:.2f} | {row[1]:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--tokens", type=int, default=534, help="tokens computed per step (bench_dpo: 534)")
     p.add_argument("--repeats", type=int, default=5, help="samples per product; the best is kept")
     p.add_argument("--fp32", action="store_true", help="also the fp32 products against the fp32 peak")
+    p.add_argument("--attention", action="store_true", help="also sdpa forward + backward, fp32 vs bf16")
     a = p.parse_args()
     import torch
     from bench_dpo import matmul_peak
@@ -84,6 +106,8 @@ def main() -> None:
         print(f"\n{name}: all Linear products of one step (forward + backward, {total_flops / 1e12:.3f} TFLOP) take "
               f"{total_s:.3f} s = {rate:.0f} GFLOP/s = {100 * rate / peaks[name]:.0f}% of the square peak: the HFU "
               f"of a step that ran nothing else")
+    if a.attention:
+        attention_dtypes(a.repeats)
 
 
 if __name__ == "__main__":

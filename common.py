@@ -384,6 +384,11 @@ def base_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """transformers >= 5 causal LMs take logits_to_keep (a count, or a boolean mask): the LM head runs only there."""
+    return "logits_to_keep" in inspect.signature(base_of(model).forward).parameters  # peft's forward takes **kwargs
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """The base model of a LoRA-wrapped one: the reference policy under LoRA, at no memory cost."""
@@ -601,8 +606,8 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
         if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples
             ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-            last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-                base_of(model).forward).parameters else {}  # its logits are not used: generate recomputes them
+            # its logits are not used: generate recomputes them
+            last_only = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
             kw["cache"] = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                 **last_only).cache
             kw["cache"].batch_repeat_interleave(num_samples)
@@ -643,7 +648,8 @@ def call_reward_fn(fn, name: str, examples: list[dict], completions: list[str], 
         out = fn([e["prompt"] for e in examples], completions, **fields)
         scores = torch.as_tensor(out, dtype=torch.float32, device=device)
         if scores.shape != (len(examples),):
-            error = f"--reward-fn {name}: returned shape {tuple(scores.shape)}, expected a list of {len(examples)} floats"
+            error = (f"--reward-fn {name}: returned shape {tuple(scores.shape)}, expected a list of "
+                     f"{len(examples)} floats")
         elif not torch.isfinite(scores).all():
             bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
             error = f"--reward-fn {name}: returned a non-finite score for rows {bad[:8]}"

@@ -26,7 +26,6 @@ What each piece buys is measured in benchmarks/README.md.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from functools import partial
 
 import torch
@@ -34,18 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import UserError
+from common import UserError, supports_logits_to_keep
 
 PACKED_ATTENTION = "segment_sdpa"
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _segment_calls = 0
-
-
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    """transformers >= 5 causal LMs take a boolean logits_to_keep mask: the LM head runs only where it is True."""
-    model = getattr(model, "module", model)
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's forward takes **kwargs
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def use_segment_attention(model: nn.Module) -> None:
@@ -130,34 +122,26 @@ def _sibling_plan(segments: list, device) -> list[tuple[list[int], list[int], to
     global _plan
     if _plan[0] is segments:
         return _plan[1]
+    size = [q1 - q0 for q0, q1, _ in segments]
     piece = {(q0, q1): i for i, (q0, q1, _) in enumerate(segments)}
     siblings: dict[tuple, list[int]] = {}
     for i, (_, _, spans) in enumerate(segments):
         siblings.setdefault(tuple(spans[:-1]), []).append(i)
-    groups = []  # at most SIBLING_QUERIES queries per call: the masked-out cross-sibling blocks grow quadratically
-    for ancestors, members in siblings.items():
-        for i in members:
-            n = segments[i][1] - segments[i][0]
-            if groups and groups[-1][0] == ancestors and groups[-1][2] + n <= SIBLING_QUERIES:
-                groups[-1][1].append(i)
-                groups[-1][2] += n
-            else:
-                groups.append([ancestors, [i], n])
     plan = []
-    for ancestors, members, _ in groups:
-        ancestors = [piece[s] for s in ancestors]
-        n_anc = sum(segments[j][1] - segments[j][0] for j in ancestors)
-        lens = [segments[i][1] - segments[i][0] for i in members]
-        mask = None  # a lone segment without ancestors: plain causal
-        if ancestors or len(members) > 1:
-            mask = torch.zeros(sum(lens), n_anc + sum(lens), dtype=torch.bool)
-            mask[:, :n_anc] = True
-            o = 0
-            for n in lens:
-                mask[o:o + n, n_anc + o:n_anc + o + n] = torch.ones(n, n, dtype=torch.bool).tril_()
-                o += n
-            mask = mask.to(device)
-        plan.append((members, ancestors, mask))
+    for spans, members in siblings.items():
+        ancestors = [piece[s] for s in spans]
+        groups = [[]]  # at most SIBLING_QUERIES queries per call: masked-out cross-sibling blocks grow quadratically
+        for i in members:
+            if groups[-1] and sum(size[j] for j in groups[-1]) + size[i] > SIBLING_QUERIES:
+                groups.append([])
+            groups[-1].append(i)
+        for group in groups:
+            mask = None  # a lone segment without ancestors: plain causal
+            if ancestors or len(group) > 1:  # all of the ancestors, then each sibling causally within itself
+                own = torch.block_diag(*[torch.ones(size[i], size[i], dtype=torch.bool).tril_() for i in group])
+                anc = torch.ones(len(own), sum(size[j] for j in ancestors), dtype=torch.bool)
+                mask = torch.cat([anc, own], dim=1).to(device)
+            plan.append((group, ancestors, mask))
     _plan = (segments, plan)
     return plan
 

@@ -101,7 +101,8 @@ def main() -> None:
                 flops = 2 * T * k * n
                 total_flops += flops * count
                 total_s += s * count
-                print(f"| {layer} {kind} | {shape} | {flops / s / 1e9:.0f} | {100 * flops / s / 1e9 / peaks[name]:.0f}% |")
+                gflops = flops / s / 1e9
+                print(f"| {layer} {kind} | {shape} | {gflops:.0f} | {100 * gflops / peaks[name]:.0f}% |")
         rate = total_flops / total_s / 1e9
         print(f"\n{name}: all Linear products of one step (forward + backward, {total_flops / 1e12:.3f} TFLOP) take "
               f"{total_s:.3f} s = {rate:.0f} GFLOP/s = {100 * rate / peaks[name]:.0f}% of the square peak: the HFU "

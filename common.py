@@ -754,6 +754,8 @@ class BaseTrainer(ABC):
                                       args.seed)
         # DDP or FSDP2 in place; before the optimizer: FSDP2 swaps parameters for DTensors
         self.wrapped = self.shard(self.model) if self.fsdp else wrap_ddp(self.model, self.dist)
+        if self.dist.world_size == 1:
+            sparse_tied_embeddings(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.global_step = self.skipped_steps = 0
@@ -866,9 +868,14 @@ class BaseTrainer(ABC):
                 (out.loss / n).backward()
             window.add(out.metrics, batch.num_samples, batch.num_tokens)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
+        if self.optimizer.defaults.get("fused") and not self.fsdp:
+            # the clip factor rides in fused AdamW's unscale (grad / grad_scale): one pass over the gradients less
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            self.optimizer.grad_scale = (grad_norm + 1e-6).div(max_norm).clamp(min=1.0)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
         # the norm of synced gradients is the same on every rank: all ranks skip or stop together, before the update
         if not torch.isfinite(grad_norm):
             self.skipped_steps += 1
@@ -1079,6 +1086,24 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
                broadcast_buffers=False)
+
+
+def sparse_tied_embeddings(model: nn.Module) -> None:
+    """An input embedding tied to the LM head gets the few rows it looked up added into the head's dense gradient,
+    not a vocab-sized zero-filled one of its own. One process only: DDP treats a sparse embedding's gradient apart."""
+    from transformers import PreTrainedModel
+    for m in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
+        emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+        tied = isinstance(emb, nn.Embedding) and head is not None and emb.weight is getattr(head, "weight", None)
+        if tied and emb.weight.requires_grad and not emb.sparse:
+            emb.sparse = True
+            # a backward that did not reach the head leaves the sparse part alone: fused AdamW needs it dense
+            emb.weight.register_post_accumulate_grad_hook(_densify)
+
+
+def _densify(p: torch.Tensor) -> None:
+    if p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
 
 
 @contextlib.contextmanager

@@ -208,8 +208,10 @@ def kept_logits(model: nn.Module, t: dict[str, torch.Tensor], segments: list | N
 
 
 def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                chunk: int = 1024) -> torch.Tensor:
-    """log_softmax(logits / temperature)[label] per row; logits [N, V], labels [N] -> [N] fp32."""
+                chunk: int | None = None) -> torch.Tensor:
+    """log_softmax(logits / temperature)[label] per row; logits [N, V], labels [N] -> [N] fp32. Rows per chunk:
+    on a CPU few enough that a chunk's fp32 passes stay in cache, on a GPU many (fewer kernel launches)."""
+    chunk = chunk or (32 if logits.device.type == "cpu" else 1024)
     return _LabelLogProb.apply(logits, labels, temperature, chunk)
 
 
@@ -222,7 +224,7 @@ class _LabelLogProb(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         picked = torch.empty_like(lse)
         for s in range(0, logits.shape[0], chunk):
-            block = logits[s:s + chunk].float() / temperature
+            block = _scaled_fp32(logits[s:s + chunk], temperature)
             lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
             picked[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
         ctx.save_for_backward(logits, labels, lse)
@@ -235,7 +237,13 @@ class _LabelLogProb(torch.autograd.Function):
         out, t = torch.empty_like(logits), ctx.temperature
         for s in range(0, logits.shape[0], ctx.chunk):
             g = grad[s:s + ctx.chunk, None].float() / t
-            block = torch.exp(logits[s:s + ctx.chunk].float() / t - lse[s:s + ctx.chunk, None]).mul_(-g)
+            block = _scaled_fp32(logits[s:s + ctx.chunk], t).sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)
             block.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
             out[s:s + ctx.chunk] = block
         return out, None, None, None
+
+
+def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy of a logits block / temperature, for the in-place passes that follow."""
+    block = block.float() if block.dtype != torch.float32 else block.clone()
+    return block if temperature == 1.0 else block.div_(temperature)

@@ -120,12 +120,14 @@ def dpo_args(tiny_model_dir, pairs_file, out, **kw):
 
 
 def capture_grads(trainer):
-    """Record the synced, clipped gradients the optimizer sees at each step."""
+    """Record the synced, clipped gradients the optimizer applies at each step (fused AdamW clips through its
+    grad_scale, a divisor)."""
     grads, step = [], trainer.optimizer.step
 
     def wrapped(*a, **k):
-        grads.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-                      if p.grad is not None})
+        scale = getattr(trainer.optimizer, "grad_scale", None)
+        grads.append({n: (p.grad if scale is None else p.grad / scale).detach().clone()
+                      for n, p in trainer.model.named_parameters() if p.grad is not None})
         return step(*a, **k)
     trainer.optimizer.step = wrapped
     return grads

@@ -33,6 +33,47 @@ def test_gradient_accumulation_invariance(tiny_model_dir, pairs_file, tmp_path, 
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
 
+def test_tied_embedding_gradient_is_the_dense_one(tiny_model_dir, pairs_file, tmp_path):
+    """One process adds the tied embedding's looked-up rows into the LM head's gradient (a sparse embedding
+    gradient): the optimizer sees the same dense gradient as with a dense embedding gradient."""
+    runs = []
+    for sparse in (True, False):
+        trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / str(sparse), total_steps=2))
+        emb = trainer.model.get_input_embeddings()
+        assert emb.sparse and emb.weight is trainer.model.get_output_embeddings().weight  # the tiny model ties them
+        emb.sparse = sparse
+        grads = capture_grads(trainer)
+        trainer.train()
+        runs.append(grads)
+    for a, b in zip(*runs):
+        assert not a["model.embed_tokens.weight"].is_sparse
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], msg=n)
+
+
+def test_clipping_through_fused_adamw_equals_clip_grad_norm(tiny_model_dir, pairs_file, tmp_path):
+    """Fused AdamW divides the gradients by the clip factor (its grad_scale); an optimizer without it gets
+    torch's clip_grad_norm_: the same clipped gradients and weights."""
+    runs = []
+    for fused in (True, False):
+        trainer = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / str(fused), max_grad_norm=1e-3))
+        if not fused:
+            groups = [{k: v for k, v in g.items() if k != "fused"} for g in trainer.optimizer.param_groups]
+            trainer.optimizer = torch.optim.AdamW(groups, foreach=False)
+            trainer.scheduler = trainer.build_scheduler(trainer.optimizer)
+        grads = capture_grads(trainer)
+        trainer.train()
+        runs.append((grads, trainer.model.state_dict()))
+    (g1, w1), (g2, w2) = runs
+    assert len(g1) == 3
+    for a, b in zip(g1, g2):
+        assert torch.cat([g.flatten() for g in a.values()]).norm() == pytest.approx(1e-3, rel=1e-3)  # clipped
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], msg=n)
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], msg=n)
+
+
 def test_resume_continues_exactly(tiny_model_dir, pairs_file, tmp_path):
     kw = dict(total_steps=6, save_every=3, keep_checkpoints=5)
     full = main(dpo_args(tiny_model_dir, pairs_file, tmp_path / "full", **kw))

@@ -754,7 +754,7 @@ class BaseTrainer(ABC):
                                       args.seed)
         # DDP or FSDP2 in place; before the optimizer: FSDP2 swaps parameters for DTensors
         self.wrapped = self.shard(self.model) if self.fsdp else wrap_ddp(self.model, self.dist)
-        if self.dist.world_size == 1:
+        if self.dist.world_size == 1 and not self.fsdp:
             sparse_tied_embeddings(self.model)
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
@@ -1090,7 +1090,8 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
 
 def sparse_tied_embeddings(model: nn.Module) -> None:
     """An input embedding tied to the LM head gets the few rows it looked up added into the head's dense gradient,
-    not a vocab-sized zero-filled one of its own. One process only: DDP treats a sparse embedding's gradient apart."""
+    not a vocab-sized zero-filled one of its own. One process without FSDP: DDP buckets a sparse embedding's
+    gradient apart, FSDP reduce-scatters dense shards."""
     from transformers import PreTrainedModel
     for m in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
         emb, head = m.get_input_embeddings(), m.get_output_embeddings()

@@ -1,7 +1,7 @@
 """Our SFT (sft.py) against TRL's SFTTrainer and our reward model (reward.py) against TRL's RewardTrainer: same
 model, rows, batch, max length, truncation and precision.
 
-    python benchmarks/bench_sft_reward.py --trl-python /tmp/trl-venv/bin/python     # ~4 min on the 2-core CPU
+    python benchmarks/bench_sft_reward.py --trl-python /tmp/trl-venv/bin/python     # ~12 min on the 2-core CPU
     python benchmarks/bench_sft_reward.py --warmup-steps 1 --timed-steps 1 --configs ours-sft,trl-sft   # a quick check
 
 Every configuration runs in its own fresh process (ours with this interpreter, TRL with --trl-python, where TRL is
@@ -45,7 +45,13 @@ CONFIGS = {
                             ours_args={"padding_free": False}),
     "trl-sft-packed": dict(task="sft", side="trl", label="TRL SFTTrainer best: packing=True (bfd, padding-free) "
                            "gradient_checkpointing=False", trl_kwargs={"packing": True, **NO_GC}, pack=True),
+    "ours-sft-trl-rows": dict(task="sft", side="ours", label="ours sft.py (defaults) on the rows of each of TRL's "
+                              "packed steps", ours_args={}, pack=True, rows_from="trl-sft-packed"),
+    "ours-sft-gc": dict(task="sft", side="ours", label="ours sft.py --gradient-checkpointing",
+                        ours_args={"gradient_checkpointing": True}),
     "ours-rm": dict(task="rm", side="ours", label="ours reward.py (defaults: prefix-shared packing)", ours_args={}),
+    "ours-rm-gc": dict(task="rm", side="ours", label="ours reward.py --gradient-checkpointing",
+                       ours_args={"gradient_checkpointing": True}),
     "trl-rm": dict(task="rm", side="trl", label="TRL RewardTrainer defaults (gradient checkpointing, padded)",
                    trl_kwargs={}),
     "ours-rm-padded": dict(task="rm", side="ours", label="lever off: ours reward.py --no-padding-free",
@@ -53,13 +59,25 @@ CONFIGS = {
     "trl-rm-nogc": dict(task="rm", side="trl", label="TRL RewardTrainer best: gradient_checkpointing=False (it has "
                         "no packing / padding-free)", trl_kwargs=NO_GC),
 }
-DEFAULT_ORDER = ["ours-sft", "trl-sft", "ours-sft-padded", "trl-sft-nogc", "trl-sft-packed",
-                 "ours-rm", "trl-rm", "ours-rm-padded", "trl-rm-nogc"]
+DEFAULT_ORDER = ["ours-sft", "trl-sft", "ours-sft-padded", "trl-sft-nogc", "trl-sft-packed", "ours-sft-trl-rows",
+                 "ours-sft-gc", "ours-rm", "trl-rm", "ours-rm-padded", "trl-rm-nogc", "ours-rm-gc"]
 # (ours, TRL) pairs for the ratio table; the first ones of each task are the targets' pairs
 PAIRS = [("ours-sft", "trl-sft"), ("ours-sft", "trl-sft-nogc"), ("ours-sft", "trl-sft-packed"),
+         ("ours-sft-trl-rows", "trl-sft-packed"), ("ours-sft-gc", "trl-sft"),
          ("ours-sft-padded", "trl-sft-nogc"), ("ours-rm", "trl-rm"), ("ours-rm", "trl-rm-nogc"),
-         ("ours-rm-padded", "trl-rm-nogc")]
+         ("ours-rm-padded", "trl-rm-nogc"), ("ours-rm-gc", "trl-rm")]
 TASK_TITLE = {"sft": "SFT: sft.py vs SFTTrainer", "rm": "Reward model: reward.py vs RewardTrainer"}
+
+
+class StepRowsSampler:
+    """Given row groups, one per step (the rows of each of TRL's packed steps), in order."""
+
+    def __init__(self, groups: list[list[int]]):
+        self.groups, self.step = groups, 0
+
+    def next_indices(self) -> list[int]:
+        self.step += 1
+        return self.groups[self.step - 1]
 
 
 class SequentialSampler:
@@ -98,7 +116,8 @@ def worker_ours(spec: dict) -> dict:
     setup_s = time.perf_counter() - t0
     if len(trainer.train_data) != spec["num_rows"]:
         raise RuntimeError(f"ours kept {len(trainer.train_data)} of {spec['num_rows']} rows")
-    trainer.sampler = SequentialSampler(len(trainer.train_data), spec["batch_size"])
+    trainer.sampler = (StepRowsSampler(spec["step_rows"]) if spec.get("step_rows")
+                       else SequentialSampler(len(trainer.train_data), spec["batch_size"]))
     positions, loss_tokens = [], []  # positions through the model (padding included), loss tokens (SFT)
     make_batch = trainer.make_batch
 
@@ -119,7 +138,8 @@ def worker_ours(spec: dict) -> dict:
         tokens.append(out.num_tokens)
     return {"step_s": times, "tokens": tokens, "positions": positions,
             "loss_tokens": loss_tokens if spec["task"] == "sft" else None,
-            "rows": [spec["batch_size"]] * n_steps, "setup_s": setup_s, "master_dtype": master,
+            "rows": [len(g) for g in spec["step_rows"]] if spec.get("step_rows") else [spec["batch_size"]] * n_steps,
+            "setup_s": setup_s, "master_dtype": master,
             "train_peak_rss": vm_hwm_bytes() if reset_ok else None, "process_peak_rss": process_peak_bytes(),
             "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "notes": []}
@@ -152,7 +172,9 @@ def worker_trl(spec: dict) -> dict:
     kwargs.update(spec["trl_kwargs"])
     config = config_cls(**kwargs)
     state = {"times": [], "tokens": [], "positions": [], "loss_tokens": [], "rows": [], "reset_ok": False,
-             "t_prev": None}
+             "t_prev": None, "step_rows": []}
+    # a packed sequence -> its row: the start of each row's prompt + completion, as TRL tokenizes it
+    starts = [tuple(tok(r["prompt"] + r["completion"])["input_ids"][:64]) for r in rows] if sft else []
 
     class Timed(trainer_cls):
         def training_step(self, model, inputs, *a, **k):
@@ -164,6 +186,7 @@ def worker_trl(spec: dict) -> dict:
             else:  # padding-free: one row of sequences, each starting at position 0
                 state["tokens"].append(int(ids.numel()))
                 state["rows"].append(int((inputs["position_ids"] == 0).sum()))
+                state["step_rows"].append(packed_rows(ids[0].tolist(), inputs["position_ids"][0].tolist(), starts))
             if "labels" in inputs:
                 state["loss_tokens"].append(int((inputs["labels"] != -100).sum()))
             return super().training_step(model, inputs, *a, **k)
@@ -198,6 +221,7 @@ def worker_trl(spec: dict) -> dict:
         raise RuntimeError(f"TRL ran {len(state['times'])} steps, expected {n_steps}")
     return {"step_s": state["times"], "tokens": state["tokens"], "positions": state["positions"],
             "loss_tokens": state["loss_tokens"] if sft else None, "rows": state["rows"], "setup_s": setup_s,
+            "step_rows": state["step_rows"],
             "master_dtype": master, "train_peak_rss": hwm, "process_peak_rss": process_peak_bytes(),
             "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "notes": notes,
@@ -205,6 +229,19 @@ def worker_trl(spec: dict) -> dict:
             "gradient_checkpointing": config.gradient_checkpointing,
             "padding_free": bool(getattr(trainer, "padding_free", False)),
             "optim": getattr(config.optim, "value", str(config.optim))}
+
+
+def packed_rows(ids: list[int], positions: list[int], starts: list[tuple]) -> list[int]:
+    """The row index of each sequence in a padding-free packed row (sequences start at position 0)."""
+    cuts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        seq = tuple(ids[a:b][:64])
+        match = [i for i, s in enumerate(starts) if s[:len(seq)] == seq[:len(s)]]
+        if len(match) != 1:
+            raise RuntimeError(f"a packed sequence matches {len(match)} rows, not one")
+        out.append(match[0])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,12 +278,13 @@ def select_pairs(data: Path, model_dir: str, k: int, max_length: int) -> tuple[l
     return rows, skipped
 
 
-def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int) -> dict:
+def run_config(name: str, cfg: dict, base_spec: dict, work: Path, python: str, timeout: int,
+               step_rows: list | None = None) -> dict:
     spec = dict(base_spec[cfg["task"]], name=name, task=cfg["task"], precision="bf16",
                 ours_args=cfg.get("ours_args", {}), trl_kwargs=cfg.get("trl_kwargs", {}), pack=cfg.get("pack", False),
-                output_dir=str(work / f"out-{name}"))
+                output_dir=str(work / f"out-{name}"), step_rows=step_rows)
     if spec["pack"]:
-        spec["rows"] = spec["pack_rows"]
+        spec["rows"], spec["num_rows"] = spec["pack_rows"], spec["num_pack_rows"]
     spec_file, result_file, log_file = work / f"{name}.spec.json", work / f"{name}.result.json", work / f"{name}.log"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", WANDB_MODE="disabled",
@@ -411,7 +449,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="rows (SFT) / pairs (reward) per step")
     p.add_argument("--max-length", type=int, default=256, help="tokens per sequence")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
-    p.add_argument("--timed-steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--timed-steps", type=int, default=8, help="timed steps (median reported)")
     p.add_argument("--configs", default=",".join(DEFAULT_ORDER),
                    help=f"comma-separated, run in this order; known: {', '.join(CONFIGS)}")
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
@@ -466,7 +504,7 @@ def main() -> None:
                                 for r in rows))
         return str(path)
     base = {"model": model_dir, "batch_size": a.batch_size, "max_length": a.max_length,
-            "warmup_steps": a.warmup_steps, "timed_steps": a.timed_steps, "num_rows": k}
+            "warmup_steps": a.warmup_steps, "timed_steps": a.timed_steps, "num_rows": k, "num_pack_rows": k_pack}
     base_spec = {"sft": dict(base, rows=write("sft_rows.jsonl", sft_rows, True),
                              pack_rows=write("sft_pack_rows.jsonl", pack_rows, True)),
                  "rm": dict(base, rows=write("rm_pairs.jsonl", rm_rows, False))}
@@ -485,7 +523,12 @@ def main() -> None:
         cfg = CONFIGS[name]
         python = a.ours_python if cfg["side"] == "ours" else a.trl_python
         print(f"[{name}] {cfg['label']} ...", flush=True)
-        raw[name] = r = run_config(name, cfg, base_spec, work, python, a.timeout)
+        source = raw.get(cfg.get("rows_from"), {})
+        if "rows_from" in cfg and not source.get("step_rows"):
+            raw[name] = {"name": name, "error": f"needs the rows of {cfg['rows_from']}: run it first"}
+            print(f"[{name}] skipped: {raw[name]['error']}", flush=True)
+            continue
+        raw[name] = r = run_config(name, cfg, base_spec, work, python, a.timeout, source.get("step_rows"))
         if "error" in r:
             print(f"[{name}] FAILED ({r['error']}); log: {r['log']}", flush=True)
         else:

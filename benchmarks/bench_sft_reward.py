@@ -393,8 +393,9 @@ def render(results: dict, order: list[str], meta: dict) -> str:
 
     L.append("## Ratios ours / TRL\n")
     L.append("time/token = TRL's tokens/s over ours (all timed steps): where both sides train the same rows (same "
-             "tokens) it is the ratio of their total timed seconds; against TRL's packing (more rows per step) it is "
-             "the fair one. s/step ours/TRL compares the medians.\n")
+             "tokens) it is the ratio of their total timed seconds. TRL's packing puts more rows in a step than ours' "
+             "batch of 4: ours-sft-trl-rows trains exactly the rows of each of its steps. s/step ours/TRL compares the "
+             "medians.\n")
     L.append("| ours | TRL | same tokens/step | s/step ours/TRL | time/token ours/TRL | speed-up (tokens/s TRL->ours) "
              "| peak RSS train ours/TRL | peak RSS process ours/TRL |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")

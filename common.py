@@ -239,6 +239,7 @@ def run_main(fn) -> None:
     """Call fn(); turn a UserError into one line on stderr and exit code 2."""
     try:
         fn()
+        barrier()  # ranks tear the process group down together: gloo can abort when one leaves mid-way
     except UserError as e:
         if is_main():  # every rank sees the same bad input: one line, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)

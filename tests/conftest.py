@@ -119,15 +119,20 @@ def dpo_args(tiny_model_dir, pairs_file, out, **kw):
     return Args(**(base | kw))
 
 
+def applied_grads(trainer) -> dict:
+    """The synced, clipped gradients the optimizer is about to apply (fused AdamW clips through its grad_scale,
+    a divisor)."""
+    scale = getattr(trainer.optimizer, "grad_scale", None)
+    return {n: (p.grad if scale is None else p.grad / scale).detach().clone()
+            for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
 def capture_grads(trainer):
-    """Record the synced, clipped gradients the optimizer applies at each step (fused AdamW clips through its
-    grad_scale, a divisor)."""
+    """Record applied_grads at each optimizer step."""
     grads, step = [], trainer.optimizer.step
 
     def wrapped(*a, **k):
-        scale = getattr(trainer.optimizer, "grad_scale", None)
-        grads.append({n: (p.grad if scale is None else p.grad / scale).detach().clone()
-                      for n, p in trainer.model.named_parameters() if p.grad is not None})
+        grads.append(applied_grads(trainer))
         return step(*a, **k)
     trainer.optimizer.step = wrapped
     return grads
@@ -226,10 +231,9 @@ def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
 
 
 def update_grads(trainer, micro_batches) -> dict:
-    """The synced gradients of one optimizer_step over micro_batches, the optimizer step itself skipped."""
+    """The synced, clipped gradients of one optimizer_step over micro_batches, the optimizer step itself skipped."""
     grads, step = {}, trainer.optimizer.step
-    trainer.optimizer.step = lambda *a, **k: grads.update(
-        {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    trainer.optimizer.step = lambda *a, **k: grads.update(applied_grads(trainer))
     try:
         trainer.optimizer_step(micro_batches)
     finally:

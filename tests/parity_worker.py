@@ -28,9 +28,10 @@ def worker():
     trainer = trainer_cls(tyro.cli(module.Args, args=rest))
     grads, step = [], trainer.optimizer.step
 
-    def capture(*a, **k):  # the synced gradients, after clipping, as the optimizer sees them
-        grads.append({n: full(p.grad).detach().clone() for n, p in trainer.model.named_parameters()
-                      if p.grad is not None})
+    def capture(*a, **k):  # the synced gradients, after clipping (fused AdamW: its grad_scale divides them)
+        scale = getattr(trainer.optimizer, "grad_scale", None)
+        grads.append({n: (full(p.grad) if scale is None else full(p.grad) / scale).detach().clone()
+                      for n, p in trainer.model.named_parameters() if p.grad is not None})
         return step(*a, **k)
     trainer.optimizer.step = capture
     trainer.train()

@@ -119,11 +119,15 @@ def dpo_args(tiny_model_dir, pairs_file, out, **kw):
     return Args(**(base | kw))
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP shards are DTensors (a collective)
+
+
 def applied_grads(trainer) -> dict:
-    """The synced, clipped gradients the optimizer is about to apply (fused AdamW clips through its grad_scale,
-    a divisor)."""
+    """The synced, clipped gradients the optimizer is about to apply, whole under FSDP (fused AdamW clips through
+    its grad_scale, a divisor)."""
     scale = getattr(trainer.optimizer, "grad_scale", None)
-    return {n: (p.grad if scale is None else p.grad / scale).detach().clone()
+    return {n: (full(p.grad) if scale is None else full(p.grad) / scale).detach().clone()
             for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 

@@ -12,11 +12,9 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BaseTrainer, run_main  # noqa: E402
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP shards are DTensors (a collective)
+from conftest import applied_grads, full  # noqa: E402
 
 
 def worker():
@@ -28,10 +26,8 @@ def worker():
     trainer = trainer_cls(tyro.cli(module.Args, args=rest))
     grads, step = [], trainer.optimizer.step
 
-    def capture(*a, **k):  # the synced gradients, after clipping (fused AdamW: its grad_scale divides them)
-        scale = getattr(trainer.optimizer, "grad_scale", None)
-        grads.append({n: (full(p.grad) if scale is None else full(p.grad) / scale).detach().clone()
-                      for n, p in trainer.model.named_parameters() if p.grad is not None})
+    def capture(*a, **k):
+        grads.append(applied_grads(trainer))
         return step(*a, **k)
     trainer.optimizer.step = capture
     trainer.train()

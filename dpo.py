@@ -17,10 +17,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, adapters_disabled, add_lora, check_flag,
-                    check_text, encode_completion, encode_prompt, print0, progress, rank_batches, run_main,
-                    train_eval_rows)
-from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+from common import Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, check_flag, check_text, print0, \
+    run_main, train_eval_rows
+from packing import collate_completions, sequence_logps, tokenize_completions, use_segment_attention
 
 
 class LossType(StrEnum):
@@ -99,58 +98,6 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def tokenize_pair(tok, row: dict, max_length: int, max_prompt_length: int) -> tuple[dict | None, bool]:
-    """-> ({prompt, chosen, rejected} token ids, truncated?) or (None, True) if a completion would vanish.
-    The prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
-    prompt = encode_prompt(tok, row["prompt"])
-    chosen, rejected = encode_completion(tok, row["chosen"]), encode_completion(tok, row["rejected"])
-    truncated = len(prompt) > max_prompt_length
-    prompt = prompt[-max_prompt_length:]
-    room = max_length - len(prompt)
-    truncated |= len(chosen) > room or len(rejected) > room
-    chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
-    if not chosen or not rejected:
-        return None, True
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, truncated
-
-
-def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
-    """Chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B]) in one forward.
-
-    padding_free: one packed row in which each prompt (and any prefix rows share) appears once, both completions
-    continuing from it (common.pack_prefix_tree; on HH-style rows with long multi-turn prompts a third fewer tokens).
-    Else a right-padded [2B, L] batch. `keep` marks the positions whose logits predict a completion token (only there
-    does the LM head run); `logit_index` (packed) maps each completion token, in sequence order, to its row among
-    the kept logits: the prompt's last position predicts the first token of both completions."""
-    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in examples]
-    n_prompt = [len(e["prompt"]) for e in examples] * 2
-    segments = None
-    if padding_free:
-        tensors, segments = pack_prefix_tree(seqs, n_prompt)
-    else:
-        width = max(map(len, seqs))
-        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
-                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-                   "keep": torch.tensor([[False] * (p - 1) + [True] * (len(s) - p) + [False] * (width - len(s) + 1)
-                                         for s, p in zip(seqs, n_prompt)])}
-    # the label of completion token j is the token itself; segment maps it back to its sequence
-    labels = torch.cat([torch.tensor(s[p:]) for s, p in zip(seqs, n_prompt)])
-    segment = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(seqs, n_prompt))])
-    tensors |= {"labels": labels, "segment": segment,
-                "lengths": torch.tensor([len(s) - p for s, p in zip(seqs, n_prompt)])}
-    if "ref_logps" in examples[0]:
-        tensors["ref_logps"] = torch.tensor([e["ref_logps"][k] for k in (0, 1) for e in examples])
-    # num_tokens counts every sequence's tokens (the prompt twice), as padded training would see them
-    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
-                 row_ids=[e["loc"] for e in examples], segments=segments)
-
-
-def sequence_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed completion log-probs [2B] from one forward; logits only where they predict a completion token."""
-    token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"])
-    return torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
-
-
 class DPOTrainer(BaseTrainer):
     script_name = "dpo"
     summary_keys = ("loss", "rewards/accuracies", "rewards/margins", "greedy_accuracy")
@@ -160,19 +107,9 @@ class DPOTrainer(BaseTrainer):
         model = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(model)
-        self.ref_model = None
-        if not self.args.reference_free and not self.args.lora_r:  # under LoRA: the base, adapters off
-            # identical init on every rank (same seed, same file), frozen, never wrapped or given gradients
-            self.ref_model = self.frozen_copy(model)
+        if not self.args.reference_free:
+            self.init_reference(model)
         return model
-
-    @torch.no_grad()
-    def reference_logps(self, batch: Batch) -> torch.Tensor:
-        """[2B] log-probs under pi_ref: the frozen copy, or under LoRA the policy itself with its adapters off."""
-        if self.args.lora_r:
-            with adapters_disabled(self.model):
-                return sequence_logps(self.model, batch)
-        return sequence_logps(self.ref_model, batch)
 
     def setup_data(self) -> None:
         a = self.args
@@ -185,17 +122,16 @@ class DPOTrainer(BaseTrainer):
         for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
             if not data and (data is self.train_data or eval_rows):
                 raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
-        if self.ref_model is not None:
-            self.ref_model = self.shard(self.ref_model)  # FSDP: sharded like the policy, never given gradients
-        if self.args.precompute_ref_logps and not self.args.reference_free:
-            self._precompute_reference()
+        if a.precompute_ref_logps and not a.reference_free:  # [B, 2]: each pair's chosen and rejected log-probs
+            self.precompute_reference(lambda ref, batch: sequence_logps(ref, batch).view(2, -1).T)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
         for loc, row in rows:
             for key in ("prompt", "chosen", "rejected"):
                 check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
-            ex, cut = tokenize_pair(self.tokenizer, row, self.args.max_length, self.args.max_prompt_length)
+            ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
+                                           self.args.max_length, self.args.max_prompt_length)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:
@@ -204,40 +140,27 @@ class DPOTrainer(BaseTrainer):
                f"within --max-length {self.args.max_length})")
         return out
 
-    @torch.no_grad()
-    def _precompute_reference(self) -> None:
-        """One pass of the frozen reference over all rows, split across ranks, results shared with all; then the
-        reference is freed: training runs the policy alone."""
-        rank, world, bs = self.dist.rank, self.dist.world_size, self.args.batch_size
-        for data, split in ((self.train_data, "train"), (self.eval_data, "eval")):
-            found = {}
-            for mine, n_real in progress(rank_batches(list(range(len(data))), bs, rank, world),
-                                         f"reference log-probs ({split})", -(-len(data) // (bs * world))):
-                with self.autocast():
-                    logps = self.reference_logps(self.make_batch([data[i] for i in mine]).to(self.device))
-                logps = logps.cpu()
-                found |= {i: (logps[j].item(), logps[len(mine) + j].item()) for j, i in enumerate(mine[:n_real])}
-            shares = [found]
-            if world > 1:
-                shares = [None] * world
-                torch.distributed.all_gather_object(shares, found)
-            for share in shares:
-                for i, ref in share.items():
-                    data[i]["ref_logps"] = ref
-        self.ref_model = None
-
     def make_batch(self, examples: list[dict]) -> Batch:
-        return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
+        """Chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B]) in one forward; packed, each prompt
+        appears once, both completions continuing from it."""
+        pairs = [(e["prompt"], e["completions"][k]) for k in (0, 1) for e in examples]
+        tensors, segments = collate_completions(pairs, self.tokenizer.pad_token_id, self.args.padding_free)
+        if "ref_logps" in examples[0]:  # precomputed: [chosen..., rejected...]
+            tensors["ref_logps"] = torch.stack([e["ref_logps"] for e in examples]).T.reshape(-1)
+        # num_tokens counts every sequence's tokens (the prompt twice), as padded training would see them
+        return Batch(tensors, num_samples=len(examples), num_tokens=sum(len(p) + len(c) for p, c in pairs),
+                     row_ids=[e["loc"] for e in examples], segments=segments)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         a = self.args
         policy_logps = sequence_logps(model, batch)  # [2B]
         if "ref_logps" in batch.tensors:
             ref_logps = batch["ref_logps"].to(policy_logps.dtype)
-        elif self.args.reference_free:
+        elif a.reference_free:
             ref_logps = torch.zeros_like(policy_logps)
         else:
-            ref_logps = self.reference_logps(batch)
+            with torch.no_grad(), self.reference() as ref:
+                ref_logps = sequence_logps(ref, batch)
         # RPO: NLL per chosen token, averaged per pair (a per-sample mean keeps accumulation/world-size invariance)
         nll = (-policy_logps.chunk(2)[0] / batch["lengths"].chunk(2)[0]).mean()
         if a.loss_type == LossType.ipo:  # IPO is defined on length-averaged log-probs

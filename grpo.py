@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Callable
+from typing import Annotated
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,10 +30,10 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
-                    add_lora, call_reward_fn, check_flag, generate, left_pad, load_reward_fn, progress,
-                    prompt_examples, rank_batches, run_main, stopwatch, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
+                    check_flag, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+from rollout import call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples, stopwatch
 
 
 class ScaleRewards(StrEnum):
@@ -181,7 +182,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossT
 
     grpo (GRPO eq. 3): 1/N sum_i 1/|o_i| sum_t l_it; dr_grpo (Dr. GRPO eq. 3): 1/(N x max_new_tokens) sum_i sum_t l_it;
     dapo (DAPO eq. 8): 1/sum_i |o_i| sum_i sum_t l_it over ALL sequences of the optimizer step: `token_mean` maps this
-    micro-batch's token sum to its share of that mean (BaseTrainer.token_mean); default: its own token mean. grpo and
+    micro-batch's token sum to its share of that mean (Batch.token_mean); default: its own token mean. grpo and
     dr_grpo are means over sequences, which equal-sized micro-batches and ranks average exactly."""
     masked = per_token * mask
     if loss_type == LossType.grpo:
@@ -220,9 +221,8 @@ class GRPOTrainer(BaseTrainer):
         policy = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(policy)  # before the copy: the reference inherits it
-        # beta = 0: the loss has no KL term, so no reference model is built or held (TRL does the same); under LoRA
-        # the reference is the policy with its adapters off
-        self.ref_policy = self.frozen_copy(policy) if self.args.beta > 0 and not self.args.lora_r else None
+        if self.args.beta > 0:  # beta = 0: no KL term, so no reference is built or held (as TRL)
+            self.init_reference(policy)
         return policy
 
     def setup_data(self) -> None:
@@ -234,8 +234,6 @@ class GRPOTrainer(BaseTrainer):
         else:
             raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function (repeatable)")
         self.reward_weights = torch.tensor(a.reward_weights or [1.0] * len(self.reward_fns), device=self.device)
-        if self.ref_policy is not None:
-            self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
         if tasks.is_task(a.dataset):
             train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
         else:
@@ -253,7 +251,7 @@ class GRPOTrainer(BaseTrainer):
 
     # --- one iteration ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[dict], greedy: bool, num_samples: int = 1):
+    def sample(self, examples: list[dict], greedy: bool, num_samples: int = 1):
         """Each prompt num_samples times, groups contiguous, from one prefill per prompt. -> (prompt batch of every
         sample, completions [N, L] padded after the first EOS, mask [N, L], has_eos [N])."""
         a = self.args
@@ -334,11 +332,9 @@ class GRPOTrainer(BaseTrainer):
             with self.autocast():
                 if a.num_iterations > 1:
                     t["old_logps"] = self.completion_logps(self.model, t)
-                if self.ref_policy is not None:
-                    t["ref_logps"] = self.completion_logps(self.ref_policy, t)
-                elif a.beta > 0:
-                    with adapters_disabled(self.model):
-                        t["ref_logps"] = self.completion_logps(self.model, t)
+                if a.beta > 0:
+                    with self.reference() as ref:
+                        t["ref_logps"] = self.completion_logps(ref, t)
         return t | {"zero_std": zero_std}
 
     @torch.no_grad()
@@ -346,7 +342,7 @@ class GRPOTrainer(BaseTrainer):
         a, clock = self.args, stopwatch(self.device)
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
         group_examples = [e for e in examples for _ in range(a.num_generations)]  # groups contiguous
-        prompts, completions, mask, has_eos = self.generate(examples, greedy=False, num_samples=a.num_generations)
+        prompts, completions, mask, has_eos = self.sample(examples, greedy=False, num_samples=a.num_generations)
         time_generate = clock()
         rewards, per_fn = self.score(group_examples, completions)
         time_score = clock()
@@ -390,27 +386,18 @@ class GRPOTrainer(BaseTrainer):
             kl = k3_kl(logps, t["ref_logps"])
             per_token = per_token + a.beta * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
-        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens, self.token_mean)
+        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens, batch.token_mean)
         return LossOutput(loss, metrics | {
             "entropy": masked_mean(entropy, t["completion_mask"]), "clip_ratio/low_mean": masked_mean(low, mask),
             "clip_ratio/high_mean": masked_mean(high, mask), "clip_ratio/region_mean": masked_mean(low + high, mask)})
 
     def training_step(self) -> StepOutput:
-        a = self.args
         t, metrics, self._samples = self.rollout()
         clock = stopwatch(self.device)
-        window, grad_norms = MetricWindow(), []
-        for _ in range(a.num_iterations):
-            w, norm = self.optimizer_step(self.micro_batches(t))
-            if w.weight:  # else a skipped non-finite update
-                window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
-                grad_norms.append(norm)
-        metrics["time/update"] = clock()
-        self.scheduler.step()  # the LR horizon counts iterations
-        self.global_step += 1
-        metrics |= {k: v / window.weight for k, v in window.sums.items()}
-        metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
-        return StepOutput(metrics, len(t["completions"]), int(t["attention_mask"].sum()))
+        updates = [self.micro_batches(t) for _ in range(self.args.num_iterations)]  # GRPO's mu passes
+        out = self.step(updates, metrics, num_samples=len(t["completions"]), num_tokens=int(t["attention_mask"].sum()))
+        out.metrics["time/update"] = clock()
+        return out
 
     def on_step_end(self, out: StepOutput) -> None:
         if self.global_step % self.args.log_every == 0 and self.dist.is_main:
@@ -430,8 +417,8 @@ class GRPOTrainer(BaseTrainer):
         window, data = MetricWindow(), self.eval_data
         size = self.args.batch_size * self.args.num_generations  # a rollout's worth of sequences per forward
         batches = rank_batches(data, size, self.dist.rank, self.dist.world_size)
-        for mine, n_real in progress(batches, "eval", -(-len(data) // (size * self.dist.world_size))):
-            _, completions, mask, _ = self.generate(mine, greedy=True)
+        for mine, n_real in progress(batches, "eval", ceil_div(len(data), size * self.dist.world_size)):
+            _, completions, mask, _ = self.sample(mine, greedy=True)
             rewards, _ = self.score(mine, completions)
             m = {"reward": rewards.mean(), "completions/mean_length": mask.sum(1).mean()}  # filler rows weigh 0
             if tasks.is_task(self.args.dataset):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import UserError, supports_logits_to_keep
+from common import Batch, UserError, supports_logits_to_keep
 
 PACKED_ATTENTION = "segment_sdpa"
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -247,3 +247,72 @@ def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
     """A fresh fp32 copy of a logits block / temperature, for the in-place passes that follow."""
     block = block.float() if block.dtype != torch.float32 else block.clone()
     return block if temperature == 1.0 else block.div_(temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A prompt and its completions: tokenization, collation and sequence log-probs (dpo.py, kto.py; reward.py tokenizes)
+
+
+def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
+    """Chat messages get the tokenizer's chat template (with the assistant header); strings are taken as they are."""
+    if isinstance(prompt, list):
+        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_completion(tok, completion: str | list[dict]) -> list[int]:
+    """Completion tokens + exactly one EOS (assistant messages contribute their content)."""
+    if isinstance(completion, list):
+        completion = "".join(m["content"] for m in completion)
+    ids = tok(completion, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+
+
+def tokenize_completions(tok, prompt: str | list[dict], completions: list, max_length: int,
+                         max_prompt_length: int) -> tuple[dict | None, bool]:
+    """-> ({"prompt": ids, "completions": [ids, ...]}, truncated?), or (None, True) if a completion would vanish. The
+    prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
+    prompt_ids = encode_prompt(tok, prompt)
+    comps = [encode_completion(tok, c) for c in completions]
+    truncated = len(prompt_ids) > max_prompt_length
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max(max_length - len(prompt_ids), 0)
+    truncated |= any(len(c) > room for c in comps)
+    comps = [c[:room] for c in comps]
+    if not all(comps):
+        return None, True
+    return {"prompt": prompt_ids, "completions": comps}, truncated
+
+
+def collate_completions(pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                        padding_free: bool) -> tuple[dict[str, torch.Tensor], list | None]:
+    """(prompt ids, completion ids) per sequence -> one forward's tensors and, packed, the attention segments. The keys
+    `sequence_logps` reads: `keep` marks the positions whose logits predict a completion token (only there does the
+    LM head run); `logit_index` (packed) maps each completion token, in sequence order, to its row among the kept
+    logits (a prompt's last position predicts the first token of every completion of that prompt); `labels` are the
+    completion tokens, `segment` the sequence of each, `lengths` each sequence's completion length.
+
+    padding_free: one row in which each prompt (and any prefix sequences share) appears once, every completion
+    continuing from it (`pack_prefix_tree`). Else a right-padded [N, L] batch."""
+    seqs, n_prompt = [p + c for p, c in pairs], [len(p) for p, _ in pairs]
+    segments = None
+    if padding_free:
+        tensors, segments = pack_prefix_tree(seqs, n_prompt)
+    else:
+        width = max(map(len, seqs))
+        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
+                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                   "keep": torch.tensor([[False] * (p - 1) + [True] * (len(s) - p) + [False] * (width - len(s) + 1)
+                                         for s, p in zip(seqs, n_prompt)])}
+    tensors |= {"labels": torch.tensor([t for _, c in pairs for t in c]),
+                "segment": torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(pairs)]),
+                "lengths": torch.tensor([len(c) for _, c in pairs])}
+    return tensors, segments
+
+
+def sequence_logps(model: nn.Module, batch: Batch, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """[N] log-probs of each sequence's completion (summed; average=True: per completion token) from one forward, the
+    LM head run only where a logit predicts a completion token. Reads the keys `collate_completions` writes."""
+    token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"], temperature)
+    logps = torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
+    return logps / batch["lengths"] if average else logps

@@ -22,10 +22,10 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, adapters_disabled,
-                    add_lora, call_reward_fn, check_flag, generate, left_pad, load_model, load_reward_fn, progress,
-                    prompt_examples, rank_batches, run_main, stopwatch, train_eval_rows)
+from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
+                    check_flag, load_model, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
+from rollout import call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples, stopwatch
 
 
 class CriticType(StrEnum):
@@ -160,9 +160,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     values = values * mask
     rewards = rewards * mask
     last, out = torch.zeros_like(values[:, 0]), []
-    for t in reversed(range(values.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
+    for i in reversed(range(values.shape[1])):  # token index
+        next_value = values[:, i + 1] if i + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
         last = delta + gamma * lam * last
         out.append(last)
     advantages = torch.stack(out[::-1], dim=1) * mask
@@ -286,7 +286,7 @@ class PPOTrainer(BaseTrainer):
         policy = add_lora(super().build_model(), a)
         if a.padding_free:
             use_segment_attention(policy)  # before the copies: the reference and a policy-based critic inherit it
-        self.ref_policy = None if a.lora_r else self.frozen_copy(policy)  # under LoRA: the policy, adapters off
+        self.init_reference(policy)
         self.reward_model = None
         if a.reward_model:
             from transformers import AutoModelForSequenceClassification
@@ -328,8 +328,6 @@ class PPOTrainer(BaseTrainer):
             self.reward_fn = tasks.reward
         else:
             raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
-        if self.ref_policy is not None:
-            self.ref_policy = self.shard(self.ref_policy)  # FSDP: sharded like the policy, never given gradients
         if tasks.is_task(a.dataset):
             train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
         else:
@@ -347,7 +345,7 @@ class PPOTrainer(BaseTrainer):
 
     # --- one iteration ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (prompt batch, responses [B, L] padded after the first EOS, response mask [B, L], has_eos [B])."""
         a = self.args
         prompts = self.make_batch(examples).to(self.device)
@@ -400,7 +398,7 @@ class PPOTrainer(BaseTrainer):
         """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
         a, clock = self.args, stopwatch(self.device)
         examples = [self.train_data[i] for i in self.sampler.next_indices()]
-        prompts, responses, mask, has_eos = self.generate(examples, greedy=False)
+        prompts, responses, mask, has_eos = self.sample(examples, greedy=False)
         time_generate = clock()
         scores = self.score(examples, prompts, responses, mask)
         if a.missing_eos_penalty is not None:
@@ -410,11 +408,8 @@ class PPOTrainer(BaseTrainer):
         self.model.eval()
         with self.autocast():
             logps, values = self.logps_and_values(self.model, t)
-            if self.ref_policy is None:
-                with adapters_disabled(self.model.policy):
-                    ref_logits = kept_logits(self.model.policy, *self.model_inputs(t))
-            else:
-                ref_logits = kept_logits(self.ref_policy, *self.model_inputs(t))
+            with self.reference() as ref:
+                ref_logits = kept_logits(ref, *self.model_inputs(t))
         ref_logps = torch.zeros_like(logps).masked_scatter(
             mask.bool(), label_logps(ref_logits, responses[mask.bool()], a.temperature))
         rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)
@@ -461,19 +456,11 @@ class PPOTrainer(BaseTrainer):
         a = self.args
         buffer, metrics, self._samples = self.rollout()
         clock = stopwatch(self.device)
-        window, grad_norms = MetricWindow(), []
-        for _ in range(a.ppo_epochs):
-            for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps):
-                w, norm = self.optimizer_step(micro_batches)
-                if w.weight:  # else a skipped non-finite update
-                    window.add({k: v / w.weight for k, v in w.sums.items()}, 1.0)
-                    grad_norms.append(norm)
-        metrics["time/update"] = clock()
-        self.scheduler.step()  # the LR horizon counts iterations
-        self.global_step += 1
-        metrics |= {k: v / window.weight for k, v in window.sums.items()}
-        metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
-        return StepOutput(metrics, len(buffer), int(buffer.tensors["attention_mask"].sum()))
+        updates = (micro_batches for _ in range(a.ppo_epochs)
+                   for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps))
+        out = self.step(updates, metrics, num_samples=len(buffer), num_tokens=int(buffer.tensors["attention_mask"].sum()))
+        out.metrics["time/update"] = clock()
+        return out
 
     def on_step_end(self, out: StepOutput) -> None:
         if self.global_step % self.args.log_every == 0 and self.dist.is_main:
@@ -492,8 +479,8 @@ class PPOTrainer(BaseTrainer):
         held-out greedy accuracy). Batches are split across ranks like training batches."""
         window, data = MetricWindow(), self.eval_data
         batches = rank_batches(data, self.args.batch_size, self.dist.rank, self.dist.world_size)
-        for mine, n_real in progress(batches, "eval", -(-len(data) // (self.args.batch_size * self.dist.world_size))):
-            prompts, responses, mask, _ = self.generate(mine, greedy=True)
+        for mine, n_real in progress(batches, "eval", ceil_div(len(data), self.args.batch_size * self.dist.world_size)):
+            prompts, responses, mask, _ = self.sample(mine, greedy=True)
             scores = self.score(mine, prompts, responses, mask)
             batch_metrics = {"scores": scores.mean(), "response_length": mask.sum(1).mean()}
             if tasks.is_task(self.args.dataset):  # the verifier, also when a reward model or function trains

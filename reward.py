@@ -24,8 +24,8 @@ from torch import nn
 
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_text,
-                    encode_completion, encode_prompt, load_model, print0, run_main, shard_model, train_eval_rows)
-from packing import pack_prefix_tree, segment_forward, use_segment_attention
+                    load_model, print0, run_main, shard_model, train_eval_rows)
+from packing import pack_prefix_tree, segment_forward, tokenize_completions, use_segment_attention
 
 
 @dataclass
@@ -93,20 +93,6 @@ class RewardModel(nn.Module):
         return self.head()(last)[:, 0].float()
 
 
-def tokenize_pair(tok, row: dict, max_length: int, max_prompt_length: int) -> tuple[dict | None, bool]:
-    """-> ({prompt, chosen, rejected} token ids, truncated?) or (None, True) if a completion would vanish (dpo.py)."""
-    prompt = encode_prompt(tok, row["prompt"])
-    chosen, rejected = encode_completion(tok, row["chosen"]), encode_completion(tok, row["rejected"])
-    truncated = len(prompt) > max_prompt_length
-    prompt = prompt[-max_prompt_length:]
-    room = max_length - len(prompt)
-    truncated |= len(chosen) > room or len(rejected) > room
-    chosen, rejected = chosen[:max(room, 0)], rejected[:max(room, 0)]
-    if not chosen or not rejected:
-        return None, True
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, truncated
-
-
 def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
     """Chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B]) in one forward; t["last"] indexes each
     sequence's last token (its EOS unless truncated) in the flattened [rows x T] hidden states, found from lengths,
@@ -115,7 +101,7 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
     padding_free: one packed row in which each prompt appears once, both completions continuing from it. Each
     sequence gets a sentinel token appended so that pack_prefix_tree reports the packed position predicting it,
     i.e. the sequence's last real token; the sentinels are leaves of the trie, so no real token attends to them."""
-    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in examples]
+    seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in examples]
     segments = None
     if padding_free:
         tensors, segments = pack_prefix_tree([s + [0] for s in seqs], [len(s) for s in seqs])
@@ -138,9 +124,8 @@ class RewardTrainer(BaseTrainer):
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
         a = self.args
-        one_label = type("OneLabel", (), {"from_pretrained": staticmethod(
-            partial(AutoModelForSequenceClassification.from_pretrained, num_labels=1))})
-        classifier = load_model(a.model, a.trust_remote_code, self.dist.local_rank, auto_class=one_label)
+        classifier = load_model(a.model, a.trust_remote_code, self.dist.local_rank,
+                                auto_class=AutoModelForSequenceClassification, num_labels=1)
         archs = classifier.config.architectures or []
         model = RewardModel(classifier)
         if not any(x.endswith("ForSequenceClassification") for x in archs):  # a causal LM: the head is new
@@ -181,7 +166,8 @@ class RewardTrainer(BaseTrainer):
             margin = row.get("margin", 0.0)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
-            ex, cut = tokenize_pair(self.tokenizer, row, self.args.max_length, self.args.max_prompt_length)
+            ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
+                                           self.args.max_length, self.args.max_prompt_length)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -19,9 +19,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, add_lora, check_text,
-                    encode_completion, encode_prompt, print0, run_main, train_eval_rows)
-from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, print0, run_main, \
+    train_eval_rows
+from packing import encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Args(TrainArgs):
 
 def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     """Summed NLL of the loss tokens; token_logps [N] -> scalar. The caller divides by the loss tokens of the whole
-    optimizer step (BaseTrainer.token_mean), so accumulation and world size do not change the gradient."""
+    optimizer step (Batch.token_mean), so accumulation and world size do not change the gradient."""
     return -token_logps.sum()
 
 
@@ -191,14 +191,11 @@ class SFTTrainer(BaseTrainer):
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"])  # [N]
         token_sum = sft_loss(token_logps)
-        # logged: this micro-batch's own mean token NLL (the gradient uses the whole step's token count)
-        return LossOutput(self.token_mean(token_sum), {"loss": token_sum.detach() / max(batch.num_loss_tokens, 1)})
-
-    def training_step(self) -> StepOutput:
-        out = super().training_step()
-        if out.num_samples:  # loss tokens of the whole step, all ranks (already all-reduced by optimizer_step)
-            out.metrics["num_tokens"] = self._token_scale[1]
-        return out
+        # logged: the mean token NLL over the log window's loss tokens (the gradient uses the step's token count)
+        metrics = {"loss": Mean(token_sum.detach(), batch.num_loss_tokens)}
+        if model.training:  # loss tokens of the whole step, all micro-batches and ranks
+            metrics["num_tokens"] = batch.step_loss_tokens
+        return LossOutput(batch.token_mean(token_sum), metrics)
 
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate() if self.eval_data else {}

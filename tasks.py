@@ -19,7 +19,9 @@ import re
 import torch
 from torch import nn
 
-from common import DistInfo, encode_prompt, generate, left_pad, progress, rank_batches
+from common import DistInfo, ceil_div, progress, rank_batches
+from packing import encode_prompt
+from rollout import generate, left_pad
 
 TASKS = {"arithmetic": 2, "arithmetic3": 3}  # name -> number of one-digit operands
 MAX_EVAL_QUESTIONS = 48  # a fixed sample of the held-out questions keeps greedy eval short
@@ -106,7 +108,7 @@ def greedy_accuracy(model: nn.Module, tok, task: str, autocast, dist_info: DistI
     correct, seen, replies = 0, 0, []
     qs = questions(task, held_out=True)
     batches = rank_batches(qs, batch_size, dist_info.rank, dist_info.world_size)
-    for mine, n_real in progress(batches, "greedy eval", -(-len(qs) // (batch_size * dist_info.world_size))):
+    for mine, n_real in progress(batches, "greedy eval", ceil_div(len(qs), batch_size * dist_info.world_size)):
         ids, mask = left_pad([encode_prompt(tok, prompt(q)) for q in mine], tok.pad_token_id)
         with autocast():
             completions, _, _ = generate(model, tok, ids.to(dist_info.device), mask.to(dist_info.device),

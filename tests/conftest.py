@@ -55,7 +55,7 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = "the a cat dog sat ran on mat up down red blue".split()
     with open(path, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             prompt = " ".join(rng.choices(words, k=rng.randint(3, 12)))
             row = {"prompt": prompt, "chosen": " " + " ".join(rng.choices(words, k=rng.randint(1, 6))),
                    "rejected": " " + " ".join(rng.choices(words, k=rng.randint(1, 6)))}
@@ -81,12 +81,27 @@ def checkpoint_weights(ckpt_dir) -> dict:
         return torch.load(Path(d) / "ckpt.pt", weights_only=True)["model"]
 
 
+def pair_example(tok, row: dict, max_length: int, max_prompt_length: int):
+    """A preference row as dpo.py tokenizes it: ({prompt, completions: [chosen, rejected]}, truncated?)."""
+    from packing import tokenize_completions
+    return tokenize_completions(tok, row["prompt"], [row["chosen"], row["rejected"]], max_length, max_prompt_length)
+
+
+def pair_batch(exs: list[dict], pad_id: int, padding_free: bool):
+    """dpo.py's micro-batch layout: chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B])."""
+    from common import Batch
+    from packing import collate_completions
+    pairs = [(e["prompt"], e["completions"][k]) for k in (0, 1) for e in exs]
+    tensors, segments = collate_completions(pairs, pad_id, padding_free)
+    return Batch(tensors, len(exs), sum(len(p) + len(c) for p, c in pairs), segments=segments)
+
+
 def naive_logps(model, tok, exs):
     """One sequence at a time, full log_softmax over the vocabulary: the plain reference implementation."""
     out = []
-    for k in ("chosen", "rejected"):
+    for k in (0, 1):  # chosen, rejected
         for e in exs:
-            ids = torch.tensor([e["prompt"] + e[k]])
+            ids = torch.tensor([e["prompt"] + e["completions"][k]])
             logp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1]
             tgt = ids[0, 1:]
             tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1)
@@ -123,22 +138,19 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP shards are DTensors (a collective)
 
 
-def applied_grads(trainer) -> dict:
-    """The synced, clipped gradients the optimizer is about to apply, whole under FSDP (fused AdamW clips through
-    its grad_scale, a divisor)."""
-    scale = getattr(trainer.optimizer, "grad_scale", None)
-    return {n: (full(p.grad) if scale is None else full(p.grad) / scale).detach().clone()
-            for n, p in trainer.model.named_parameters() if p.grad is not None}
+def synced_grads(trainer) -> dict:
+    """The gradients of an optimizer update as synced over micro-batches and ranks, before clipping; whole under FSDP."""
+    return {n: full(p.grad).detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 def capture_grads(trainer):
-    """Record applied_grads at each optimizer step."""
-    grads, step = [], trainer.optimizer.step
+    """Record synced_grads at each optimizer update (BaseTrainer.clip_gradients runs once per update)."""
+    grads, clip = [], trainer.clip_gradients
 
-    def wrapped(*a, **k):
-        grads.append(applied_grads(trainer))
-        return step(*a, **k)
-    trainer.optimizer.step = wrapped
+    def wrapped():
+        grads.append(synced_grads(trainer))
+        return clip()
+    trainer.clip_gradients = wrapped
     return grads
 
 
@@ -214,7 +226,7 @@ def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
     """A deterministic GRPO rollout (no sampling) of train prompts `groups`: ragged completions, some without EOS,
     each group's rewards fixed by its index (group 0: all equal). The same global group gets the same rollout on any
     rank, so a rank's share of a global batch is exactly its groups' rollouts."""
-    from common import truncate_after_eos
+    from rollout import truncate_after_eos
     G, L, eos = trainer.args.num_generations, trainer.args.max_new_tokens, trainer.tokenizer.eos_token_id
     examples, comps, rewards = [], [], []
     for g in groups:
@@ -235,11 +247,12 @@ def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
 
 
 def update_grads(trainer, micro_batches) -> dict:
-    """The synced, clipped gradients of one optimizer_step over micro_batches, the optimizer step itself skipped."""
-    grads, step = {}, trainer.optimizer.step
-    trainer.optimizer.step = lambda *a, **k: grads.update(applied_grads(trainer))
+    """The synced gradients of one optimizer update over micro_batches; the update itself is skipped."""
+    grads, clip, step = [], trainer.clip_gradients, trainer.optimizer.step
+    trainer.clip_gradients = lambda: grads.append(synced_grads(trainer)) or clip()
+    trainer.optimizer.step = lambda *a, **k: None
     try:
-        trainer.optimizer_step(micro_batches)
+        trainer.optimizer_update(micro_batches)
     finally:
-        trainer.optimizer.step = step
-    return grads
+        trainer.optimizer.step, trainer.clip_gradients = step, clip
+    return grads[0]

@@ -14,7 +14,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BaseTrainer, run_main  # noqa: E402
-from conftest import applied_grads, full  # noqa: E402
+from conftest import capture_grads, full  # noqa: E402
 
 
 def worker():
@@ -24,12 +24,7 @@ def worker():
     trainer_cls = next(v for v in vars(module).values()
                        if isinstance(v, type) and issubclass(v, BaseTrainer) and v is not BaseTrainer)
     trainer = trainer_cls(tyro.cli(module.Args, args=rest))
-    grads, step = [], trainer.optimizer.step
-
-    def capture(*a, **k):
-        grads.append(applied_grads(trainer))
-        return step(*a, **k)
-    trainer.optimizer.step = capture
+    grads = capture_grads(trainer)
     trainer.train()
     weights = {n: full(p.detach()).clone() for n, p in trainer.model.named_parameters()}
     if trainer.dist.is_main:

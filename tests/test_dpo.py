@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from common import encode_completion
-from conftest import (build_tokenizer, checkpoint_weights, dpo_args, read_metrics, run,
+from conftest import (build_tokenizer, pair_batch, pair_example, checkpoint_weights, dpo_args, read_metrics, run,
                       tiny_flags)
-from dpo import DPOTrainer, LossType, dpo_loss, tokenize_pair
+from dpo import DPOTrainer, LossType, dpo_loss
+from packing import encode_completion, sequence_logps
 
 
 PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
@@ -66,7 +66,7 @@ def test_dpo_gradient_direction():
 
 def _examples(tok, n=3):
     rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
-    return [tokenize_pair(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+    return [pair_example(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
 
 def test_encode_completion_appends_eos_once():
     tok = build_tokenizer()
@@ -78,12 +78,12 @@ def test_encode_completion_appends_eos_once():
 def test_truncation_cuts_prompt_left_then_completion_right():
     tok = build_tokenizer()
     row = {"prompt": "0123456789", "chosen": "abcdefgh", "rejected": "xy"}
-    ex, truncated = tokenize_pair(tok, row, max_length=10, max_prompt_length=4)
+    ex, truncated = pair_example(tok, row, max_length=10, max_prompt_length=4)
     assert truncated
     assert tok.decode(ex["prompt"]) == "6789"
-    assert tok.decode(ex["chosen"]) == "abcdef"  # 10 - 4 = 6 tokens: EOS cut off with the tail
-    assert tok.decode(ex["rejected"]) == "xy<eos>"
-    ex, truncated = tokenize_pair(tok, row, max_length=4, max_prompt_length=4)
+    assert tok.decode(ex["completions"][0]) == "abcdef"  # 10 - 4 = 6 tokens: EOS cut off with the tail
+    assert tok.decode(ex["completions"][1]) == "xy<eos>"
+    ex, truncated = pair_example(tok, row, max_length=4, max_prompt_length=4)
     assert ex is None and truncated  # the completion would vanish: dropped
 
 
@@ -110,11 +110,10 @@ def test_step0_bf16_rewards_are_exactly_zero(tiny_model_dir, pairs_file, tmp_pat
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
     """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""
-    from dpo import collate, dpo_loss, sequence_logps
     t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=0.5))
     exs = t.train_data[:4]
-    assert len({len(e["chosen"]) for e in exs} | {len(e["rejected"]) for e in exs}) > 1
-    batch = collate(exs, t.tokenizer.pad_token_id, False)
+    assert len({len(c) for e in exs for c in e["completions"]}) > 1
+    batch = pair_batch(exs, t.tokenizer.pad_token_id, False)
     with torch.no_grad():
         for p in t.ref_model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -181,7 +180,6 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file
     """Under LoRA no frozen copy is made; after training, the reference log-probs are still the base model's."""
     from transformers import AutoModelForCausalLM
 
-    from dpo import sequence_logps
     from packing import use_segment_attention
     t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, lora_r=4, total_steps=3))
     assert t.ref_model is None
@@ -191,6 +189,8 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file
     use_segment_attention(base)
     batch = t.make_batch(t.eval_data[:2])
     with torch.no_grad():
-        ref, plain, policy = t.reference_logps(batch), sequence_logps(base, batch), sequence_logps(t.model, batch)
+        with t.reference() as ref_model:
+            ref = sequence_logps(ref_model, batch)
+        plain, policy = sequence_logps(base, batch), sequence_logps(t.model, batch)
     torch.testing.assert_close(ref, plain)
     assert not torch.allclose(ref, policy)  # the adapters trained

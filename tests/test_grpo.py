@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from common import UserError
+from common import Batch, UserError
 from conftest import ENV, ROOT, fixed_grpo_rollout, read_metrics, update_grads, write_prompt_task
 from grpo import (AdvantageType, Args, GRPOTrainer, LossType, ScaleRewards, aggregate_loss, clipped_token_loss,
                   group_advantages, k3_kl, main)
@@ -120,7 +120,7 @@ def test_dapo_normalisation_invariant_to_accumulation(tiny_model_dir, task_dir, 
         assert one.keys() == two.keys() and one
         for n in one:
             torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{lt} {n}: {m}")
-    monkeypatch.setattr(tr, "token_mean", lambda s, mbs=mbs: s / next(b.num_loss_tokens for b in mbs))
+    monkeypatch.setattr(Batch, "token_mean", lambda self, s: s / self.num_loss_tokens)  # per micro-batch
     naive = update_grads(tr, mbs)
     assert any(not torch.allclose(naive[n], one[n], rtol=1e-3) for n in one)
 
@@ -147,7 +147,7 @@ def test_sampler_draws_from_softmax_over_temperature_and_the_nucleus(top_p):
     outside it (or at -inf) never appear."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from common import CategoricalSampler
+    from rollout import CategoricalSampler
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -math.inf], [0.3, 0.2, 0.1, 0.0, -0.1, -0.2]])
     target = torch.softmax(logits / 0.7, -1)
@@ -167,7 +167,8 @@ def test_one_prefill_per_prompt_samples_as_repeated_prompts(tiny_model_dir):
     the prompt goes through the model once per prompt, not once per sample."""
     from transformers import AutoModelForCausalLM
 
-    from common import generate, left_pad, load_tokenizer
+    from common import load_tokenizer
+    from rollout import generate, left_pad
     tok, model = load_tokenizer(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids, mask = left_pad([tok("the cat sat")["input_ids"], tok("a dog ran up the mat")["input_ids"]], tok.pad_token_id)
     rep = [t.repeat_interleave(3, 0) for t in (ids, mask)]
@@ -281,7 +282,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, task_dir, 
     monkeypatch.syspath_prepend(str(task_dir))
     t = main(_args(tiny_model_dir, task_dir, tmp_path, lora_r=4, beta=0.1, total_steps=2,
                    reward_fn=["my_rewards:length"]))
-    assert t.ref_policy is None
+    assert t.ref_model is None
     kl = [m["train/kl"] for m in read_metrics(tmp_path) if "train/kl" in m]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # step 1: the policy is still the base
     assert (tmp_path / "final" / "adapter").exists()

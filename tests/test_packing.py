@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from common import UserError
-from conftest import build_model, build_tokenizer, naive_logps
-from dpo import collate, sequence_logps, tokenize_pair
-from packing import label_logps, pack_prefix_tree, segment_forward, use_segment_attention
+from conftest import build_model, build_tokenizer, naive_logps, pair_example
+from conftest import pair_batch as collate
+from packing import label_logps, pack_prefix_tree, segment_forward, sequence_logps, use_segment_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,7 +28,7 @@ def test_label_logps_equals_naive_log_softmax(dtype):
 
 def _examples(tok, n=3):
     rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
-    return [tokenize_pair(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+    return [pair_example(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
 
 def _contexts(ids, pos, segments):
     """For each packed position, the (position id, token) pairs it attends to under segment_attention's rule."""
@@ -103,13 +103,13 @@ def test_collate_masks_prompt_tokens():
     exs = _examples(tok)
     for padding_free in (True, False):
         b = collate(exs, tok.pad_token_id, padding_free)
-        seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
-        assert b["labels"].tolist() == sum([e[k] for k in ("chosen", "rejected") for e in exs], [])
+        seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
+        assert b["labels"].tolist() == sum([e["completions"][k] for k in (0, 1) for e in exs], [])
         assert b.num_tokens == sum(map(len, seqs))
         ids, keep = b["input_ids"], b["keep"]
         if padding_free:  # each prompt once; every completion token predicted from its own sequence's prefix
             n = _check_packing(seqs, [len(e["prompt"]) for e in exs] * 2, b.tensors, b.segments)
-            assert n <= sum(len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in exs)
+            assert n <= sum(len(e["prompt"]) + len(e["completions"][0]) + len(e["completions"][1]) for e in exs)
         else:  # every kept position predicts a completion token; none predicts a prompt token or padding
             assert keep.shape == ids.shape and b["attention_mask"].sum().item() == sum(map(len, seqs))
             nxt = torch.cat([ids[:, 1:], ids[:, :1] * 0 - 1], 1)
@@ -186,7 +186,7 @@ def test_bundled_model_fast_logps_equal_plain_path():
     use_segment_attention(model)
     rows = [row for _, row in tasks.preference_rows("arithmetic", held_out=True)[::9][:4]]
     rows[0] = rows[0] | {"prompt": rows[0]["prompt"] * 3}  # a multi-turn-length prompt among short ones
-    exs = [tokenize_pair(tok, r, 256, 256)[0] | {"loc": str(i)} for i, r in enumerate(rows)]
+    exs = [pair_example(tok, r, 256, 256)[0] | {"loc": str(i)} for i, r in enumerate(rows)]
     with torch.no_grad():
         plain = naive_logps(model, tok, exs)
         for padding_free in (True, False):

@@ -11,7 +11,8 @@ import torch
 
 
 import packing
-from common import UserError, truncate_after_eos
+from common import UserError
+from rollout import truncate_after_eos
 from packing import kept_logits
 from conftest import ROOT, checkpoint_weights, read_metrics, write_prompt_task
 from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
@@ -252,7 +253,7 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
     monkeypatch.syspath_prepend(str(prompt_file))
     tr = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, critic=critic, batch_size=8))
     torch.nn.init.normal_(tr.model.value_head.weight)  # zero-initialised: make the values informative
-    prompts, responses, mask, _ = tr.generate([tr.train_data[i] for i in range(8)], greedy=False)
+    prompts, responses, mask, _ = tr.sample([tr.train_data[i] for i in range(8)], greedy=False)
     t = tr.forward_batch(prompts, responses, mask)
     assert mask.sum() > 8 and (t["attention_mask"] == 0).any()  # real responses, real padding
     out = {}
@@ -265,7 +266,7 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
         (logps.sum() + values.sum()).backward()
         inputs, segments = tr.model_inputs(t)
         with torch.no_grad():
-            ref = kept_logits(tr.ref_policy, inputs, segments)
+            ref = kept_logits(tr.ref_model, inputs, segments)
         out[padding_free, head_everywhere] = (logps.detach(), values.detach(), ref, {
             n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
     assert tr.model_inputs(t)[0]["input_ids"].numel() < t["attention_mask"].sum()  # something was shared
@@ -293,9 +294,9 @@ def test_sampling_ignores_the_models_generation_config(tiny_model_dir, prompt_fi
         built.append(original(*a, **k))
         return built[-1]
     monkeypatch.setattr(policy, "_get_logits_processor", record)
-    tr.generate(tr.train_data[:4], greedy=False)
+    tr.sample(tr.train_data[:4], greedy=False)
     assert [type(p).__name__ for p in built[0]] == ["CategoricalSampler"]
-    tr.generate(tr.train_data[:4], greedy=True)
+    tr.sample(tr.train_data[:4], greedy=True)
     assert [type(p).__name__ for p in built[1]] == []
     assert policy.generation_config.repetition_penalty == 1.3  # the model's own config is left as it was
 
@@ -313,7 +314,7 @@ def test_reward_head_of_several_outputs_is_refused(tiny_model_dir, prompt_file, 
 def test_lora_run_reference_is_the_base_and_value_head_trains(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(prompt_file))
     t = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, lora_r=4, total_steps=2))
-    assert t.ref_policy is None
+    assert t.ref_model is None
     trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
     assert "value_head.weight" in trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
     t.train()

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import common
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, tiny_flags
@@ -91,7 +92,7 @@ def test_full_disk_during_a_checkpoint_stops_cleanly(tiny_model_dir, pairs_file,
                                         r"\(ENOSPC\)"):
         main(args)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
-    assert common.verify_checkpoint(run / "checkpoints" / "step_00000002") == ""
+    assert checkpoint.verify_checkpoint(run / "checkpoints" / "step_00000002") == ""
     monkeypatch.setattr(torch, "save", save)
     t = main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=6, save_every=2, keep_checkpoints=3, resume=True))
     for k, v in t.model.state_dict().items():
@@ -121,7 +122,7 @@ def test_resume_with_another_batch_size_sees_each_row_once_per_epoch(tiny_model_
     assert len(seen) == 62 and n == 44
     assert sorted(seen[:n]) == sorted(e["loc"] for e in t.train_data)  # epoch 0: every row exactly once
     assert len(set(seen[n:])) == len(seen[n:])  # epoch 1 so far: no row twice
-    order = [t.train_data[i]["loc"] for i in t.sampler._perms[1]]
+    order = [t.train_data[i]["loc"] for i in t.sampler.epoch_order(1)]
     assert seen[n:] == order[:len(seen) - n]
 
 

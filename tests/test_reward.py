@@ -35,7 +35,7 @@ def test_last_token_scoring_with_pad_equal_eos_packed_and_padded(tiny_model_dir,
     alone and unpadded, inside a right-padded batch, and inside the packed row, values and gradients."""
     t = _trainer(tiny_model_dir, pairs_file, tmp_path / "a")
     clf, exs = t.model.classifier, t.train_data[:4]
-    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
+    seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
     assert all(s[-1] == t.tokenizer.pad_token_id == t.tokenizer.eos_token_id for s in seqs)
     alone = torch.stack([clf.score(clf.base_model(torch.tensor([s])).last_hidden_state[0, -1])[0] for s in seqs])
     results = []
@@ -76,7 +76,7 @@ def test_new_head_init_and_export_is_what_ppo_reads(tiny_model_dir, pairs_file, 
     exs = t.eval_data[:2]
     b = collate(exs, t.tokenizer.pad_token_id, True)
     ours = t.model(b.tensors, b.segments).detach()
-    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
+    seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
     width = max(map(len, seqs))
     ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
@@ -131,7 +131,7 @@ def test_lora_trains_adapters_and_the_head_and_exports_a_classifier(tiny_model_d
     b = collate(exs, t.tokenizer.pad_token_id, True)
     with torch.no_grad():
         ours = t.model(b.tensors, b.segments)
-    seqs = [e["prompt"] + e[k] for k in ("chosen", "rejected") for e in exs]
+    seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
     width = max(map(len, seqs))
     ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])

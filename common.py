@@ -708,16 +708,24 @@ def agree_on_error(error: str) -> None:
 
 def run_main(fn) -> None:
     """Call fn(); turn a UserError into one line on stderr and exit code 2."""
+    code = 0
     try:
         fn()
         barrier()  # ranks tear the process group down together: gloo can abort when one leaves mid-way
     except UserError as e:
         if is_main():  # every rank sees the same bad input: one line, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            # gloo's worker threads can still be joinable when the interpreter finalizes, which aborts the process
+            # (SIGABRT) after a run that finished well: leave without finalizing, everything is written and flushed
+            if sys.exc_info()[0] is None:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def os_error(what: str, path, e: OSError) -> UserError:

@@ -44,8 +44,8 @@ class Args(TrainArgs):
     precompute_ref_logps: bool = False
     """compute reference log-probs once before training, then free the reference model (saves its memory and forward)"""
     padding_free: bool = True
-    """pack each micro-batch into one row, each prompt once, shared by its chosen and rejected completion (exact;
-    needs a transformers model with AttentionInterface attention); --no-padding-free pads to the longest sequence"""
+    """pack each micro-batch into one row, each prompt once, shared by its chosen and rejected completion (exact).
+    --no-padding-free pads to the longest sequence (for models whose attention transformers cannot route)"""
     learning_rate: float = 1e-5
     """peak AdamW learning rate"""
     total_steps: int = 60

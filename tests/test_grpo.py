@@ -205,7 +205,8 @@ def test_bad_input_is_one_line(tiny_model_dir, task_dir, tmp_path, monkeypatch, 
     monkeypatch.syspath_prepend(str(task_dir))
     with pytest.raises(UserError, match=match):
         main(_args(tiny_model_dir, task_dir, tmp_path / "out", total_steps=1, **kw))
-    assert not (tmp_path / "out" / "metrics.jsonl").exists() or "reward_fn" in kw
+    # flags fail before anything is written; a failing reward function at the step-0 eval, before it is logged
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
 
 # --- runs -------------------------------------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_resume_without_checkpoint_starts_fresh(tiny_model_dir, pairs_file, tmp_
 @pytest.mark.slow
 def test_nan_injection_keeps_last_good_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     """A data row that makes the loss non-finite is impossible to write as text, so the loss is poisoned in-process
-    in tests/test_dpo_trainer.py; here the subprocess contract: exit 2, one line naming the step."""
+    in tests/test_trainer.py; here the subprocess contract: exit 2, one line naming the step."""
     out = tmp_path / "run"
     env = ENV | {"PYTHONPATH": str(ROOT)}
     code = ("import dpo, common, torch, sys; a = dpo.tyro.cli(dpo.Args); t = dpo.DPOTrainer(a); f = t.compute_loss\n"

@@ -173,7 +173,8 @@ def test_bundled_model_step0_is_ln2(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (ev,) = read_metrics(tmp_path)
     assert abs(ev["eval/loss"] - math.log(2)) < 1e-6 and ev["eval/rewards/margins"] == 0
-    assert 0 <= ev["eval/greedy_accuracy"] <= 1
+    correct = ev["eval/greedy_accuracy"] * 24  # a count of the 24 held-out questions; the bundled model gets few
+    assert correct == pytest.approx(round(correct)) and correct < 8
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file, tmp_path):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from common import UserError
+from common import Mean, MetricWindow, UserError
 from conftest import capture_grads, checkpoint_weights, dpo_args, read_metrics
 from dpo import DPOTrainer, main
 
@@ -285,3 +285,18 @@ def test_lora_target_that_matches_nothing_is_one_line(tiny_model_dir, pairs_file
         DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", lora_r=4,
                             lora_target_modules=["no_such_proj"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_mean_metrics_aggregate_exactly_over_micro_batches():
+    """A plain metric is a per-sample mean weighted by the batch's samples; a Mean(total, count) is summed, then
+    divided: a micro-batch without a row of a class (count 0) does not pull that class's mean toward 0."""
+    w = MetricWindow()
+    w.add({"acc": 1.0, "rewards/chosen": Mean(3.0, 1)}, weight=2)
+    w.add({"acc": 0.0, "rewards/chosen": Mean(0.0, 0)}, weight=2)
+    w.add({"acc": 0.5, "rewards/chosen": Mean(torch.tensor(5.0), torch.tensor(3))}, weight=4)
+    out = w.reduce("cpu", rates=False)
+    assert out["acc"] == pytest.approx((2 * 1.0 + 2 * 0.0 + 4 * 0.5) / 8)
+    assert out["rewards/chosen"] == pytest.approx(8 / 4)
+    w = MetricWindow()
+    w.add({"rewards/chosen": Mean(0.0, 0)}, weight=1)
+    assert "rewards/chosen" not in w.reduce("cpu", rates=False)  # no row of the class in the window: not logged

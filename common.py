@@ -136,8 +136,8 @@ class MetricWindow:
 
     def reduce(self, device, rates: bool = True) -> dict[str, float]:
         keys = sorted(self.totals)
-        vec = torch.tensor([self.totals[k] for k in keys] + [self.counts[k] for k in keys] + [self.samples, self.tokens],
-                           dtype=torch.float64, device=device)
+        values = [self.totals[k] for k in keys] + [self.counts[k] for k in keys] + [self.samples, self.tokens]
+        vec = torch.tensor(values, dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(vec)
         n = len(keys)

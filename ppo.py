@@ -458,7 +458,8 @@ class PPOTrainer(BaseTrainer):
         clock = stopwatch(self.device)
         updates = (micro_batches for _ in range(a.ppo_epochs)
                    for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps))
-        out = self.step(updates, metrics, num_samples=len(buffer), num_tokens=int(buffer.tensors["attention_mask"].sum()))
+        tokens = int(buffer.tensors["attention_mask"].sum())
+        out = self.step(updates, metrics, num_samples=len(buffer), num_tokens=tokens)
         out.metrics["time/update"] = clock()
         return out
 

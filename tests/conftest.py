@@ -139,7 +139,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def synced_grads(trainer) -> dict:
-    """The gradients of an optimizer update as synced over micro-batches and ranks, before clipping; whole under FSDP."""
+    """An optimizer update's gradients as synced over micro-batches and ranks, before clipping; whole under FSDP."""
     return {n: full(p.grad).detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import checkpoint
-import common
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, tiny_flags
 from dpo import DPOTrainer, main

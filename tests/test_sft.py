@@ -190,6 +190,7 @@ def test_lora_run_exports_merged_model_and_adapter(tiny_model_dir, sft_file, tmp
     t = main(script_args("sft", tiny_model_dir, sft_file, tmp_path, lora_r=4, total_steps=2))
     assert all("lora_" in n for n, p in t.model.named_parameters() if p.requires_grad)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "final" / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "final" / "adapter")
     ids = torch.randint(0, 200, (2, 10))
     torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)

@@ -134,6 +134,8 @@ class RewardTrainer(BaseTrainer):
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
         classifier.config.pad_token_id = self.tokenizer.pad_token_id  # ppo.py and HF pooling read it
+        # scored at the last token (not HF pooling's last non-pad one): ppo.py --reward-model reads this flag
+        classifier.config.reward_at_last_token = True
         model.classifier = add_lora(classifier, a, task_type="SEQ_CLS")  # the score head trains fully
         if a.padding_free:
             use_segment_attention(model.classifier)

@@ -8,8 +8,10 @@ https://arxiv.org/abs/2203.02155), one file.
 Rows are {"prompt", "chosen", "rejected"} as in dpo.py, with an optional numeric "margin" (Llama 2's margin loss).
 The model is an AutoModelForSequenceClassification with one output built from a causal-LM checkpoint (its new head
 initialised with std 1/sqrt(hidden + 1), as the N+ implementation details do); the reward of a sequence is the head
-applied to the hidden state of its last token (the completion's EOS). output_dir/final loads with
-AutoModelForSequenceClassification.from_pretrained and is what `ppo.py --reward-model` reads.
+applied to the hidden state of its last token (the completion's end-of-turn token, so the score can tell a finished
+reply from a cut one). output_dir/final loads with AutoModelForSequenceClassification.from_pretrained and is what
+`ppo.py --reward-model` reads; its config's `reward_at_last_token` tells ppo.py to score there, not where transformers'
+pooling would (the last token that is not pad: with pad == EOS the one before the EOS, where TRL's models score).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ headers, template glue) is context only.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,8 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
     stops = tok.convert_ids_to_tokens(end_of_turn)
     full = render(tok, messages)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids = enc["input_ids"]
+    token_starts, token_ends = zip(*enc["offset_mapping"]) if ids else ((), ())
     mask = [False] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -85,17 +87,18 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
         glue = len(rest) - len(rest.lstrip())
         stop = next((s for s in stops if rest[glue:].startswith(s)), None)
         end += glue + len(stop) if stop else 0
-        for k, (a, b) in enumerate(offsets):  # tokens overlapping [start, end)
-            if a < end and b > start:
-                mask[k] = True
+        first, stop_at = bisect.bisect_right(token_ends, start), bisect.bisect_left(token_starts, end)
+        mask[first:stop_at] = [True] * (stop_at - first)  # the tokens overlapping [start, end)
     return ids, mask
 
 
 def common_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    """Length of the longest common prefix, by bisection over slice comparisons (C speed on long conversations)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+    return lo
 
 
 def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: int,

@@ -12,8 +12,8 @@ it can be while keeping the family's quirks (the token layout of the real one):
   conversation's prefixes do not render as its beginning.
 - mistral: v0.3's layout: BOS, [INST] ... [/INST], the system prompt moved into the LAST user turn, " " + trimmed
   content + </s>, no generation prompt.
-- deepseek-r1: BOS + system text, <｜User｜>/<｜Assistant｜>, the reasoning before </think> dropped from assistant turns,
-  a generation prompt `<｜Assistant｜><think>\n` that is not how a rendered turn begins.
+- deepseek-r1: BOS + system text, <｜User｜>/<｜Assistant｜>, the reasoning before </think> dropped from assistant
+  turns, a generation prompt `<｜Assistant｜><think>\n` that is not how a rendered turn begins.
 - qwen3: ChatML without a default system prompt; the last turn after the last user message gets a think block
   (empty unless its content has one), earlier turns lose theirs; <think> and </think> are plain added tokens.
 """
@@ -31,8 +31,8 @@ LLAMA31 = ("{{ bos_token }}{% set system = '' %}{% if messages[0]['role'] == 'sy
            "{% set system = messages[0]['content'] | trim %}{% set messages = messages[1:] %}{% endif %}"
            "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n"
            "Today Date: 26 Jul 2024\\n\\n' + system + '<|eot_id|>' }}"
-           "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
-           " + '<|eot_id|>' }}{% endfor %}"
+           "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+           " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 GEMMA = ("{{ bos_token }}{% set first = '' %}{% if messages[0]['role'] == 'system' %}"
          "{% set first = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
@@ -65,8 +65,8 @@ QWEN3 = ("{% set ns = namespace(last_query=-1) %}{% for m in messages %}{% if m[
          "{% set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
          "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
          "{% if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
-         "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n')"
-         " + '<|im_end|>\\n' }}"
+         "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n'"
+         " + content.lstrip('\\n') + '<|im_end|>\\n' }}"
          "{% else %}{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{% endif %}{% endif %}{% endfor %}"
          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -97,7 +97,8 @@ FAMILIES = {
                            ["<|endoftext|>"], ["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>"),
     "llama-3.1": Family(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                          "<|eom_id|>", "<|eot_id|>"], "<|end_of_text|>", LLAMA31,
-                        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"],
+                        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+                        ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"],
                         bos="<|begin_of_text|>", plain_bos=True, template_bos=True),
     "gemma": Family(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<eos>", GEMMA,
                     ["<eos>", "<end_of_turn>"], ["<end_of_turn>", "<eos>"], bos="<bos>", plain_bos=True,

@@ -24,18 +24,19 @@ REASONING = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content
 MASKED = {
     "qwen2.5": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
                "[4<|im_end|>]\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n[6<|im_end|>]\n",
-    "llama-3.1": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                 "Today Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n2+2?"
+    "llama-3.1": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\n2+2?"
                  "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[4<|eot_id|>]<|start_header_id|>user"
                  "<|end_header_id|>\n\nand 3+3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
                  "[6<|eot_id|>]",
     "gemma": "<bos><start_of_turn>user\nBe brief.\n\n2+2?<end_of_turn>\n<start_of_turn>model\n[4<end_of_turn>]\n"
              "<start_of_turn>user\nand 3+3?<end_of_turn>\n<start_of_turn>model\n[6<end_of_turn>]\n",
-    "phi-3": "<|system|>\nBe brief.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n[4<|end|>]\n<|user|>\nand 3+3?<|end|>\n"
-             "<|assistant|>\n[6<|end|>]\n<|endoftext|>",
+    "phi-3": "<|system|>\nBe brief.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n[4<|end|>]\n<|user|>\n"
+             "and 3+3?<|end|>\n<|assistant|>\n[6<|end|>]\n<|endoftext|>",
     "mistral": "<s>[INST] 2+2?[/INST] [4</s>][INST] Be brief.\n\nand 3+3?[/INST] [6</s>]",
-    "deepseek-r1": "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>[4<｜end▁of▁sentence｜>]<｜User｜>and 3+3?"
-                   "<｜Assistant｜>[6<｜end▁of▁sentence｜>]",
+    "deepseek-r1": "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>[4<｜end▁of▁sentence｜>]"
+                   "<｜User｜>and 3+3?<｜Assistant｜>[6<｜end▁of▁sentence｜>]",
     "qwen3": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
              "[4<|im_end|>]\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
              "[6<|im_end|>]\n",

@@ -171,7 +171,7 @@ class RewardTrainer(BaseTrainer):
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -2,6 +2,7 @@
 its stop set, the SFT loss mask token by token, BOS counts, the end token of every row format, a GRPO rollout that
 stops at the turn end; reward models scored where they were trained; sampling flags the log-probs cannot follow."""
 import json
+import sys
 
 import pytest
 import torch
@@ -191,3 +192,22 @@ def test_sampling_flags_the_log_probs_cannot_follow_are_refused():
     for scale in ("group", "batch"):
         with pytest.raises(UserError, match=rf"--advantage rloo with --scale-rewards {scale}: RLOO's advantage"):
             grpo.Args(advantage="rloo", scale_rewards=scale).validate()
+
+
+@pytest.mark.slow
+def test_sft_cli_on_a_gemma_layout_model(tmp_path):
+    """sft.py as a user runs it on a model whose turn end is not its EOS: it says which tokens end a turn, and
+    trains on exactly the loss tokens the masks above define (both row formats)."""
+    from conftest import run, tiny_flags
+    tok = build_tokenizer("gemma")
+    path = save_family("gemma", tmp_path / "model", biased_model(tok, {"a": 1.0}))
+    rows = [{"messages": CONVERSATION[1:]}, {"prompt": CONVERSATION[1:2], "completion": CONVERSATION[2:3]}] * 4
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = tiny_flags(path, str(tmp_path / "rows.jsonl"), tmp_path / "out", total_steps=1, max_length=128,
+                       max_prompt_length=64)
+    r = run([sys.executable, "sft.py", "--eval-size=0"] + flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "end of turn: ['<end_of_turn>', '<eos>']" in r.stdout
+    n_loss = sum(sum(tokenize_row(tok, row, "x", 128, 64)[0]["mask"]) for row in rows)
+    assert n_loss == 4 * (2 * 2 + 2)  # "4<end_of_turn>", "6<end_of_turn>"; the prompt/completion row "4<end_of_turn>"
+    assert f"train: 8 sequences, {n_loss} loss tokens" in r.stdout

@@ -49,8 +49,8 @@ def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     return -token_logps.sum()
 
 
-def render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tok, messages: list[dict]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False)
 
 
 PLACEHOLDER = "\ue000"  # a private-use character: no template trims, splits or rewrites it

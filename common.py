@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import importlib.util
 import inspect
 import json
@@ -171,6 +172,9 @@ class BaseTrainer(ABC):
         seed_everything(args.seed)
         self.output_dir = resolve_output_dir(args, self.script_name)
         self.tokenizer = load_tokenizer(args.model, args.trust_remote_code, self.dist.local_rank)
+        # generation stops at any of these; truncation, SFT masks and every completion's end use the same set
+        self.end_of_turn = end_of_turn_ids(self.tokenizer, self.tokenizer.name_or_path)
+        print0(f"end of turn: {self.tokenizer.convert_ids_to_tokens(self.end_of_turn)}")
         self.ref_model = None
         self.model = self.build_model().to(self.device)
         if args.gradient_checkpointing:
@@ -915,6 +919,45 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int =
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def end_of_turn_ids(tok, model: str | None = None) -> list[int]:
+    """The token ids that end an assistant turn, the one a chat completion ends with first: the special token the
+    chat template writes right after an assistant message (ChatML's <|im_end|>, Llama-3's <|eot_id|>, Gemma's
+    <end_of_turn>, Phi-3's <|end|>), else EOS; then the tokenizer's EOS and every eos_token_id (an int or a list) of
+    the generation config of `model` (a directory or hub id), which is where HF generation stops. A turn ends at any
+    of them."""
+    ids = [_template_turn_end(tok, tok.chat_template), tok.eos_token_id]
+    if model:
+        from transformers import GenerationConfig
+        try:
+            eos = GenerationConfig.from_pretrained(model).eos_token_id
+        except (OSError, ValueError):  # no generation_config.json
+            eos = None
+        ids += eos if isinstance(eos, list) else [eos]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    if not ids:
+        raise UserError(f"--model {model}: its tokenizer has no EOS token and its chat template no end-of-turn token")
+    return ids
+
+
+@functools.lru_cache(maxsize=16)
+def _template_turn_end(tok, template: str | None) -> int | None:
+    """The special token a chat template writes after an assistant message's content (whitespace aside), or None.
+    Cached per tokenizer and template: every data row asks."""
+    if not template:
+        return None
+    mark = "\ue000"  # a private-use character: no template trims or rewrites it
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation tells us nothing
+        return None
+    if mark not in text:
+        return None
+    after = tok(text[text.rindex(mark) + 1:].lstrip(), add_special_tokens=False)["input_ids"]
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in special else None
 
 
 def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, auto_class=None,

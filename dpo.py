@@ -131,7 +131,7 @@ class DPOTrainer(BaseTrainer):
             for key in ("prompt", "chosen", "rejected"):
                 check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

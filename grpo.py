@@ -33,7 +33,8 @@ import tasks
 from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
                     check_flag, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
-from rollout import call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples, stopwatch
+from rollout import (TOP_P_OFF_POLICY, call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples,
+                     stopwatch)
 
 
 class ScaleRewards(StrEnum):
@@ -63,10 +64,10 @@ class Args(TrainArgs):
     """one weight per --reward-fn (default: all 1.0)"""
     num_generations: int = 8
     """completions per prompt (the group); a group never spans two ranks"""
-    scale_rewards: ScaleRewards = ScaleRewards.group
-    """group, batch or none (Dr. GRPO)"""
+    scale_rewards: ScaleRewards | None = None
+    """group, batch or none (Dr. GRPO); default: group, and none under --advantage rloo"""
     advantage: AdvantageType = AdvantageType.grpo
-    """grpo (group-mean baseline) or rloo (leave-one-out baseline)"""
+    """grpo (group-mean baseline) or rloo (leave-one-out baseline; unscaled, so it needs --scale-rewards none)"""
     loss_type: LossType = LossType.dapo
     """dapo (TRL's default), grpo or dr_grpo: how per-token losses are averaged"""
     epsilon_low: float = 0.2
@@ -78,13 +79,14 @@ class Args(TrainArgs):
     beta: float = 0.0
     """KL(pi || pi_ref) coefficient, k3 estimator; 0 (TRL's default) builds no reference model"""
     mask_truncated_completions: bool = False
-    """completions that never emit EOS get no loss (DAPO's overlong filtering); their rewards still count in the
-    group statistics"""
+    """completions that never end their turn (no end-of-turn token within --max-new-tokens) get no loss (DAPO's
+    overlong filtering); their rewards still count in the group statistics"""
     temperature: float = 0.7
     """sampling temperature (TRL: 1.0; a 135M model's replies at 1.0 are mostly noise); the log-probs divide the
     logits by it too"""
     top_p: float = 1.0
-    """nucleus sampling"""
+    """must be 1 (TRL's flag, kept to refuse it in one line): the log-probs, ratios and KL are those of the full
+    softmax(logits / T), so sampling from a nucleus would make every update off-policy; lower --temperature instead"""
     max_new_tokens: int = 8
     """completion length cap (also Dr. GRPO's constant normaliser)"""
     batch_size: int = 4
@@ -115,6 +117,12 @@ class Args(TrainArgs):
                    "must be >= 2 (a group of one has no baseline or std: its advantage is undefined)")
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy groups are all alike)")
         check_flag(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        check_flag(self, "top_p", self.top_p == 1, TOP_P_OFF_POLICY)
+        if self.scale_rewards is None:
+            self.scale_rewards = ScaleRewards.none if self.advantage == AdvantageType.rloo else ScaleRewards.group
+        elif self.advantage == AdvantageType.rloo and self.scale_rewards != ScaleRewards.none:
+            raise UserError(f"--advantage rloo with --scale-rewards {self.scale_rewards}: RLOO's advantage is "
+                            f"r_i - mean of the others, unscaled; pass --scale-rewards none (or leave it out)")
         check_flag(self, "epsilon_low", 0 <= self.epsilon_low < 1, "must be in [0, 1)")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon_low
@@ -253,21 +261,22 @@ class GRPOTrainer(BaseTrainer):
     @torch.no_grad()
     def sample(self, examples: list[dict], greedy: bool, num_samples: int = 1):
         """Each prompt num_samples times, groups contiguous, from one prefill per prompt. -> (prompt batch of every
-        sample, completions [N, L] padded after the first EOS, mask [N, L], has_eos [N])."""
+        sample, completions [N, L] padded after the first end-of-turn token, mask [N, L], has_eos [N])."""
         a = self.args
         prompts = self.make_batch(examples).to(self.device)
         self.model.eval()
         with self.autocast():
             out = generate(self.model, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
                            a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
-                           num_samples=num_samples)
+                           num_samples=num_samples, stop_ids=self.end_of_turn)
         if num_samples > 1:
             prompts = self.make_batch([e for e in examples for _ in range(num_samples)]).to(self.device)
         return prompts, *out
 
     def score(self, examples: list[dict], completions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (weighted reward sum [N], each function's rewards [N, F]); a failing function is one line on all ranks."""
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)  # padded after EOS
+        # padded after the end of turn: the functions see the reply and nothing the model sampled after it
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         per_fn = torch.stack([call_reward_fn(fn, name, examples, texts, self.device) for name, fn in self.reward_fns],
                              1)
         return per_fn @ self.reward_weights, per_fn

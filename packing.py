@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import Batch, UserError, supports_logits_to_keep
+from common import Batch, UserError, end_of_turn_ids, supports_logits_to_keep
 
 PACKED_ATTENTION = "segment_sdpa"
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -254,26 +254,39 @@ def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
-    """Chat messages get the tokenizer's chat template (with the assistant header); strings are taken as they are."""
+    """Chat messages get the chat template (with the assistant header) and only the special tokens it writes (a
+    template that writes BOS gets exactly that one). A string gets the special tokens the tokenizer adds to plain
+    text, as TRL: the BOS that Llama, Mistral and Gemma were pretrained with (not a second one if the string starts
+    with it), never a trailing EOS."""
     if isinstance(prompt, list):
-        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tok(prompt, add_special_tokens=False)["input_ids"]
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)))["input_ids"]
+    eos = tok.eos_token
+    return ids[:-1] if eos and ids[-1:] == [tok.eos_token_id] and not prompt.rstrip().endswith(eos) else ids
 
 
-def encode_completion(tok, completion: str | list[dict]) -> list[int]:
-    """Completion tokens + exactly one EOS (assistant messages contribute their content)."""
+def encode_completion(tok, completion: str | list[dict], end_of_turn: list[int] | None = None,
+                      chat: bool = False) -> list[int]:
+    """Completion tokens + exactly one end token: the model's end of turn (`end_of_turn[0]`, common.end_of_turn_ids)
+    for assistant messages (which contribute their content) or after a chat prompt (`chat`), so that every row format
+    teaches the stop a chat conversation does; EOS after a plain-text prompt, as TRL. A completion that already ends
+    with an end-of-turn id keeps it."""
+    end_of_turn = end_of_turn or end_of_turn_ids(tok)
     if isinstance(completion, list):
-        completion = "".join(m["content"] for m in completion)
+        completion, chat = "".join(m["content"] for m in completion), True
     ids = tok(completion, add_special_tokens=False)["input_ids"]
-    return ids if ids and ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id]
+    if ids and ids[-1] in end_of_turn:
+        return ids
+    return ids + [end_of_turn[0] if chat or tok.eos_token_id is None else tok.eos_token_id]
 
 
 def tokenize_completions(tok, prompt: str | list[dict], completions: list, max_length: int,
-                         max_prompt_length: int) -> tuple[dict | None, bool]:
+                         max_prompt_length: int, end_of_turn: list[int] | None = None) -> tuple[dict | None, bool]:
     """-> ({"prompt": ids, "completions": [ids, ...]}, truncated?), or (None, True) if a completion would vanish. The
     prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
     prompt_ids = encode_prompt(tok, prompt)
-    comps = [encode_completion(tok, c) for c in completions]
+    comps = [encode_completion(tok, c, end_of_turn, chat=isinstance(prompt, list)) for c in completions]
     truncated = len(prompt_ids) > max_prompt_length
     prompt_ids = prompt_ids[-max_prompt_length:]
     room = max(max_length - len(prompt_ids), 0)

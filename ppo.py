@@ -25,7 +25,8 @@ import tasks
 from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
                     check_flag, load_model, progress, rank_batches, run_main, train_eval_rows)
 from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
-from rollout import call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples, stopwatch
+from rollout import (TOP_P_OFF_POLICY, call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples,
+                     stopwatch)
 
 
 class CriticType(StrEnum):
@@ -44,8 +45,8 @@ class Args(TrainArgs):
     """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; default: the built-in
     arithmetic verifier (1.0 if the first integer of the reply is the sum, else 0.0)"""
     reward_model: str | None = None
-    """path of an AutoModelForSequenceClassification scored at the last non-pad token (instead of --reward-fn);
-    it reads the policy's token ids, so it must share the policy's tokenizer"""
+    """path of an AutoModelForSequenceClassification (instead of --reward-fn), read at the token it was trained on
+    (`reward_token_index`); it reads the policy's token ids, so it must share the policy's tokenizer"""
     critic: CriticType = CriticType.value_head
     """value_head (default: one forward gives logits and values, half the memory) or separate"""
     kl_coef: float = 0.05
@@ -71,11 +72,13 @@ class Args(TrainArgs):
     temperature: float = 0.7
     """sampling temperature; the log-probs divide the logits by it too (N+ detail)"""
     top_p: float = 1.0
-    """nucleus sampling"""
+    """must be 1 (TRL's flag, kept to refuse it in one line): the log-probs, ratios and KL are those of the full
+    softmax(logits / T), so sampling from a nucleus would make every update off-policy; lower --temperature instead"""
     max_new_tokens: int = 8
     """response length cap"""
     missing_eos_penalty: float | None = None
-    """subtracted from the score of responses that never emit EOS"""
+    """subtracted from the score of responses that never end their turn (no end-of-turn token within
+    --max-new-tokens)"""
     batch_size: int = 32
     """prompts per device per rollout"""
     learning_rate: float = 1e-5
@@ -100,6 +103,7 @@ class Args(TrainArgs):
         super().validate()
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy decoding is not PPO's sampling)")
         check_flag(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        check_flag(self, "top_p", self.top_p == 1, TOP_P_OFF_POLICY)
         for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value"):
             check_flag(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("gamma", "lam"):
@@ -262,14 +266,25 @@ def reward_head(model: nn.Module) -> nn.Module:
     raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
 
 
+def reward_token_index(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] the token whose hidden state a reward model scores: the one it was trained on. reward.py's models
+    (config.reward_at_last_token) at the last token, the reply's end-of-turn token when it has one. Any other
+    sequence classifier where transformers' pooling reads it, which is where TRL's RewardTrainer trained it: the last
+    token that is not config.pad_token_id, i.e. with pad == EOS the token BEFORE the EOS."""
+    last = last_token_index(attention_mask)
+    if getattr(config, "reward_at_last_token", False) or config.pad_token_id is None:
+        return last
+    return last_token_index(attention_mask * (input_ids != config.pad_token_id))
+
+
 @torch.no_grad()
 def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """Scalar score at the last non-pad token [B]; position ids from the mask so left padding is harmless."""
+    """Scalar score at `reward_token_index` [B]; position ids from the mask so left padding is harmless."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state
-    last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
-    return reward_head(rm)(last)[:, 0].float()
+    at = reward_token_index(rm.config, input_ids, attention_mask)
+    return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,13 +361,15 @@ class PPOTrainer(BaseTrainer):
     # --- one iteration ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (prompt batch, responses [B, L] padded after the first EOS, response mask [B, L], has_eos [B])."""
+        """-> (prompt batch, responses [B, L] padded after the first end-of-turn token, response mask [B, L],
+        has_eos [B])."""
         a = self.args
         prompts = self.make_batch(examples).to(self.device)
         self.model.policy.eval()  # N+ detail: no dropout while sampling
         with self.autocast():
             out = generate(self.model.policy, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
-                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp)
+                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
+                           stop_ids=self.end_of_turn)
         return prompts, *out
 
     def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:
@@ -361,7 +378,7 @@ class PPOTrainer(BaseTrainer):
             attn = torch.cat([prompts["attention_mask"], mask.long()], 1)
             with self.autocast():
                 return reward_model_scores(self.reward_model, ids, attn)
-        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS
+        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after the turn end
         return call_reward_fn(self.reward_fn, self.args.reward_fn or "tasks:reward", examples, completions,
                               self.device)
 

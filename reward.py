@@ -8,8 +8,10 @@ https://arxiv.org/abs/2203.02155), one file.
 Rows are {"prompt", "chosen", "rejected"} as in dpo.py, with an optional numeric "margin" (Llama 2's margin loss).
 The model is an AutoModelForSequenceClassification with one output built from a causal-LM checkpoint (its new head
 initialised with std 1/sqrt(hidden + 1), as the N+ implementation details do); the reward of a sequence is the head
-applied to the hidden state of its last token (the completion's EOS). output_dir/final loads with
-AutoModelForSequenceClassification.from_pretrained and is what `ppo.py --reward-model` reads.
+applied to the hidden state of its last token (the completion's end-of-turn token, so the score can tell a finished
+reply from a cut one). output_dir/final loads with AutoModelForSequenceClassification.from_pretrained and is what
+`ppo.py --reward-model` reads; its config's `reward_at_last_token` tells ppo.py to score there, not where transformers'
+pooling would (the last token that is not pad: with pad == EOS the one before the EOS, where TRL's models score).
 """
 from __future__ import annotations
 
@@ -134,6 +136,8 @@ class RewardTrainer(BaseTrainer):
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
         classifier.config.pad_token_id = self.tokenizer.pad_token_id  # ppo.py and HF pooling read it
+        # scored at the last token (not HF pooling's last non-pad one): ppo.py --reward-model reads this flag
+        classifier.config.reward_at_last_token = True
         model.classifier = add_lora(classifier, a, task_type="SEQ_CLS")  # the score head trains fully
         if a.padding_free:
             use_segment_attention(model.classifier)
@@ -167,7 +171,7 @@ class RewardTrainer(BaseTrainer):
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -12,8 +12,14 @@ import time
 import torch
 from torch import nn
 
-from common import UserError, agree_on_error, base_of, check_text, print0, supports_logits_to_keep
+from common import UserError, agree_on_error, base_of, check_text, end_of_turn_ids, print0, supports_logits_to_keep
 from packing import encode_prompt
+
+# PPO and GRPO refuse --top-p < 1 with this (and generate() switches off a generation config's top_k): the policy
+# gradient and the KL are taken on the distribution that was sampled, and a truncated one makes the log-probs of the
+# current and reference policy -inf wherever their own nucleus leaves the sampled token out
+TOP_P_OFF_POLICY = ("must be 1: the log-probs, ratios and KL use the full softmax(logits / T), so sampling from a "
+                    "nucleus would make every update off-policy; lower --temperature instead")
 
 
 def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, split: str) -> list[dict]:
@@ -39,13 +45,16 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1):
+             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1,
+             stop_ids: list[int] | None = None):
     """Sample from exactly softmax(logits / temperature) (nucleus top_p if < 1), or greedy with temperature 0.
     Every other logits processor a model's generation_config may carry (repetition_penalty, min_p, top_k, ...) is
-    off: the policy-gradient log-probs assume this distribution. num_samples > 1: each prompt is sampled that many
-    times (rows in groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's
-    num_return_sequences would prefill every copy). -> truncate_after_eos(responses)."""
+    off: the policy-gradient log-probs assume this distribution. A reply ends at the first of `stop_ids` (default:
+    common.end_of_turn_ids of the tokenizer). num_samples > 1: each prompt is sampled that many times (rows in
+    groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's num_return_sequences would
+    prefill every copy). -> truncate_after_eos(responses)."""
     from transformers import GenerationConfig
+    stop_ids = stop_ids or end_of_turn_ids(tok)
     kw = {}
     if num_samples > 1:
         if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples
@@ -59,7 +68,7 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
         input_ids, attention_mask = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask))
     # greedy decoding over scores in which only the sampled token survives: sampling is CategoricalSampler's
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
+                              eos_token_id=stop_ids)
     sampler = [CategoricalSampler(temperature, top_p)] if temperature > 0 else []
     owner = base_of(model)
     saved, owner.generation_config = owner.generation_config, GenerationConfig()  # the model's own fills no gaps
@@ -68,7 +77,7 @@ def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: tor
                              logits_processor=sampler, synced_gpus=synced, **kw)
     finally:
         owner.generation_config = saved
-    return truncate_after_eos(out[:, input_ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+    return truncate_after_eos(out[:, input_ids.shape[1]:], stop_ids, tok.pad_token_id)
 
 
 class CategoricalSampler:
@@ -91,10 +100,10 @@ class CategoricalSampler:
         return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Keep tokens up to and including the first EOS; later tokens become pad. -> (responses, mask [B, L] float,
-    has_eos [B])."""
-    is_eos = responses == eos_id
+def truncate_after_eos(responses: torch.Tensor, stop_ids: int | list[int], pad_id: int):
+    """Keep tokens up to and including the first end-of-turn token (any of stop_ids); later tokens become pad.
+    -> (responses, mask [B, L] float, has_eos [B]: the reply ended by itself)."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1])
     mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]

@@ -6,12 +6,14 @@ https://arxiv.org/abs/2203.02155, the SFT stage before the reward model and PPO)
     torchrun --nproc_per_node 8 sft.py --model path/to/hf_model --dataset chats.jsonl
 
 Rows are {"prompt", "completion"} (strings, or chat message lists: the prompt gets the chat template, the completion
-its text plus EOS, as in dpo.py) or {"messages": [...]} conversations. A conversation is rendered with the chat
-template; every assistant turn is in the loss, each with its end-of-turn token (a model that never sees its stop
-token never learns to stop); everything else (system, user, role headers) is context only.
+its text plus the model's end-of-turn token, as in dpo.py; plain text ends with EOS) or {"messages": [...]}
+conversations. A conversation is rendered with the chat template; every assistant turn is in the loss, each with its
+end-of-turn token (a model that never sees its stop token never learns to stop); everything else (system, user, role
+headers, template glue) is context only.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +21,8 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, print0, run_main, \
-    train_eval_rows
+from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, end_of_turn_ids, \
+    print0, run_main, train_eval_rows
 from packing import encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, use_segment_attention
 
 
@@ -47,45 +49,70 @@ def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     return -token_logps.sum()
 
 
-def render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tok, messages: list[dict]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False)
 
 
-def tokenize_conversation(tok, messages: list[dict], loc: str) -> tuple[list[int], list[bool]]:
-    """-> token ids of the rendered conversation and a loss mask: True on each assistant turn's tokens up to and
-    including its end-of-turn (EOS) token. Turn boundaries come from rendering the template message by message (no
-    generation tags needed): the turn of message i is the text between render(messages[:i], generation prompt) and
-    render(messages[:i+1]); template glue after its EOS (a newline) is context."""
+PLACEHOLDER = "\ue000"  # a private-use character: no template trims, splits or rewrites it
+
+
+def tokenize_conversation(tok, messages: list[dict], loc: str,
+                          end_of_turn: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """-> token ids of the rendered conversation and a loss mask: True on each assistant turn's content as the
+    template writes it, plus the end-of-turn token after it (any of `end_of_turn`, common.end_of_turn_ids; whitespace
+    before it included). Headers, template glue (the newline after Gemma's <end_of_turn>, Qwen3's empty think block,
+    DeepSeek-R1's role token) and all other messages are context.
+
+    An assistant message is located by rendering the conversation a second time with its content replaced by a
+    placeholder: the text where the two renders differ is that content as the template writes it (trimmed, an earlier
+    turn's reasoning dropped, ...). No generation tags needed, and templates that do not render message by message
+    (Qwen3's think block only on the last turn, Phi-3's closing EOS, Mistral's system prompt in the last user turn)
+    work as well as those that do."""
+    end_of_turn = end_of_turn or end_of_turn_ids(tok)
+    stops = tok.convert_ids_to_tokens(end_of_turn)
     full = render(tok, messages)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+    ids = enc["input_ids"]
+    token_starts, token_ends = zip(*enc["offset_mapping"]) if ids else ((), ())
     mask = [False] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, upto = render(tok, messages[:i], generation_prompt=True), render(tok, messages[:i + 1])
-        if not full.startswith(before) or not full.startswith(upto):
-            before = render(tok, messages[:i])  # templates whose generation prompt differs from the turn header
-            if not full.startswith(before) or not full.startswith(upto):
-                raise UserError(f"{loc}: the chat template does not render this conversation message by message "
-                                f"(a prefix renders differently), so the assistant turns cannot be located")
-        turn = [k for k, s in enumerate(starts) if len(before) <= s < len(upto)]
-        eos = [k for k in turn if ids[k] == tok.eos_token_id]
-        for k in turn[:turn.index(eos[-1]) + 1] if eos else turn:
-            mask[k] = True
+        other = render(tok, messages[:i] + [m | {"content": PLACEHOLDER}] + messages[i + 1:])
+        start = common_prefix(full, other)
+        end = len(full) - common_prefix(full[start:][::-1], other[start:][::-1])
+        if end <= start:
+            raise UserError(f"{loc}: the chat template renders assistant message {i} as nothing (nothing to learn)")
+        rest = full[end:]
+        glue = len(rest) - len(rest.lstrip())
+        stop = next((s for s in stops if rest[glue:].startswith(s)), None)
+        end += glue + len(stop) if stop else 0
+        first, stop_at = bisect.bisect_right(token_ends, start), bisect.bisect_left(token_starts, end)
+        mask[first:stop_at] = [True] * (stop_at - first)  # the tokens overlapping [start, end)
     return ids, mask
 
 
-def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: int):
+def common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection over slice comparisons (C speed on long conversations)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+    return lo
+
+
+def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: int,
+                 end_of_turn: list[int] | None = None):
     """-> ({ids, mask}, truncated?) or (None, True) if no loss token survives truncation. prompt/completion rows: the
     prompt is cut from the left to max_prompt_length, then the completion from the right to max_length;
     conversations are cut from the right to max_length."""
     if "messages" in row:
-        ids, mask = tokenize_conversation(tok, row["messages"], loc)
+        ids, mask = tokenize_conversation(tok, row["messages"], loc, end_of_turn)
         truncated = len(ids) > max_length
         ids, mask = ids[:max_length], mask[:max_length]
     else:
-        prompt, completion = encode_prompt(tok, row["prompt"]), encode_completion(tok, row["completion"])
+        prompt = encode_prompt(tok, row["prompt"])
+        completion = encode_completion(tok, row["completion"], end_of_turn, chat=isinstance(row["prompt"], list))
         truncated = len(prompt) > max_prompt_length
         prompt = prompt[-max_prompt_length:]
         room = max_length - len(prompt)
@@ -175,7 +202,8 @@ class SFTTrainer(BaseTrainer):
         out, truncated, dropped = [], 0, 0
         for loc, row in rows:
             check_row(loc, row)
-            ex, cut = tokenize_row(self.tokenizer, row, loc, self.args.max_length, self.args.max_prompt_length)
+            ex, cut = tokenize_row(self.tokenizer, row, loc, self.args.max_length, self.args.max_prompt_length,
+                                   self.end_of_turn)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -253,10 +253,21 @@ def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
 # A prompt and its completions: tokenization, collation and sequence log-probs (dpo.py, kto.py; reward.py tokenizes)
 
 
-def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
+def render_chat(tok, messages: list[dict], loc: str, generation_prompt: bool) -> str:
+    """The chat template's text; a template that refuses the conversation (raise_exception, an empty list, a role
+    it does not know) is one line naming the row."""
+    from common import UserError
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, transformers' ValueError, whatever a template raises
+        raise UserError(f"{loc}: the model's chat template refuses these messages ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def encode_prompt(tok, prompt: str | list[dict], loc: str = "a prompt") -> list[int]:
     """Chat messages get the tokenizer's chat template (with the assistant header); strings are taken as they are."""
     if isinstance(prompt, list):
-        prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(tok, prompt, loc, generation_prompt=True)
     return tok(prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -269,10 +280,10 @@ def encode_completion(tok, completion: str | list[dict]) -> list[int]:
 
 
 def tokenize_completions(tok, prompt: str | list[dict], completions: list, max_length: int,
-                         max_prompt_length: int) -> tuple[dict | None, bool]:
+                         max_prompt_length: int, loc: str = "a row") -> tuple[dict | None, bool]:
     """-> ({"prompt": ids, "completions": [ids, ...]}, truncated?), or (None, True) if a completion would vanish. The
     prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
-    prompt_ids = encode_prompt(tok, prompt)
+    prompt_ids = encode_prompt(tok, prompt, loc)
     comps = [encode_completion(tok, c) for c in completions]
     truncated = len(prompt_ids) > max_prompt_length
     prompt_ids = prompt_ids[-max_prompt_length:]

@@ -19,9 +19,10 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, print0, run_main, \
-    train_eval_rows
-from packing import encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, \
+    check_usable_rows, print0, run_main, train_eval_rows
+from packing import (encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, render_chat,
+                     use_segment_attention)
 
 
 @dataclass
@@ -47,8 +48,8 @@ def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     return -token_logps.sum()
 
 
-def render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tok, messages: list[dict], loc: str, generation_prompt: bool = False) -> str:
+    return render_chat(tok, messages, loc, generation_prompt)
 
 
 def tokenize_conversation(tok, messages: list[dict], loc: str) -> tuple[list[int], list[bool]]:
@@ -56,16 +57,16 @@ def tokenize_conversation(tok, messages: list[dict], loc: str) -> tuple[list[int
     including its end-of-turn (EOS) token. Turn boundaries come from rendering the template message by message (no
     generation tags needed): the turn of message i is the text between render(messages[:i], generation prompt) and
     render(messages[:i+1]); template glue after its EOS (a newline) is context."""
-    full = render(tok, messages)
+    full = render(tok, messages, loc)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
     mask = [False] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, upto = render(tok, messages[:i], generation_prompt=True), render(tok, messages[:i + 1])
+        before, upto = render(tok, messages[:i], loc, generation_prompt=True), render(tok, messages[:i + 1], loc)
         if not full.startswith(before) or not full.startswith(upto):
-            before = render(tok, messages[:i])  # templates whose generation prompt differs from the turn header
+            before = render(tok, messages[:i], loc)  # templates whose generation prompt differs from the turn header
             if not full.startswith(before) or not full.startswith(upto):
                 raise UserError(f"{loc}: the chat template does not render this conversation message by message "
                                 f"(a prefix renders differently), so the assistant turns cannot be located")
@@ -106,6 +107,9 @@ def check_row(loc: str, row: dict) -> None:
         turns = [j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"]
         if not turns:
             raise UserError(f"{loc}: field 'messages' has no assistant turn (nothing to learn from)")
+        if turns[0] == 0:
+            raise UserError(f"{loc}: field 'messages' starts with an assistant turn (a reply to nothing; the chat "
+                            f"template renders turns after a system or user message)")
         for j in turns:
             if not row["messages"][j]["content"].strip():
                 raise UserError(f"{loc}: field 'messages' message {j} (assistant) is empty")
@@ -167,9 +171,7 @@ class SFTTrainer(BaseTrainer):
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
-        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
-            if not data and (data is self.train_data or eval_rows):
-                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0

@@ -1378,7 +1378,7 @@ def resolve_model_path(name: str, local_rank: int = 0, flag: str = "--model") ->
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"{flag} {name}: directory has no config.json (expected an HF model directory)")
-        if not any(path.glob(p) for p in WEIGHT_FILES):
+        if not any(next(path.glob(p), None) for p in WEIGHT_FILES):
             raise UserError(f"{flag} {name}: directory has no weights ({' or '.join(WEIGHT_FILES[:2])}): an "
                             f"incomplete export or copy?")
         return str(path)

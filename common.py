@@ -1215,8 +1215,12 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
     if dist_info.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+    # torch >= 2.13 renames broadcast_buffers (a FutureWarning per rank); its init-time sync is harmless here: every
+    # rank builds identical buffers from the same seed
+    no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
     return DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
-               broadcast_buffers=False)
+               **{no_sync_kw: False})
 
 
 def shard_model(model: nn.Module, dist_info: DistInfo, precision: str,

@@ -243,6 +243,9 @@ def test_export_is_atomic_and_a_model_without_weights_is_one_line(tiny_model_dir
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
     dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2, resume=True))
     assert (run / "final" / "tokenizer_config.json").exists() and not (run / "final.tmp").exists()
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2, resume=True))  # exported again
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"]
+    assert (run / "final" / "model.safetensors").exists()
 
 
 def test_no_such_reward_model_does_not_mention_omitting_model(tiny_model_dir, tmp_path):
@@ -259,6 +262,19 @@ def test_peft_wrapping_raises_no_future_warning(tiny_model_dir):
         warnings.simplefilter("always")
         peft_model = common.add_lora(model, args)
         common.merged_lora_copy(peft_model, peft_model.state_dict())
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_ddp_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
+    """torch 2.13 deprecates DDP's broadcast_buffers: one FutureWarning per rank at every start."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            common.wrap_ddp(common.load_model(tiny_model_dir), common.DistInfo(world_size=2))
+    finally:
+        dist.destroy_process_group()
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 

@@ -155,8 +155,9 @@ def rollback_metrics(output_dir: Path, step: int) -> None:
         for line in lines:
             try:
                 record = json.loads(line)
-                assert isinstance(record, dict) and isinstance(record["step"], int)
-            except (ValueError, AssertionError, KeyError):
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
                 torn += 1
                 continue
             if step > 0 and record["step"] <= step:

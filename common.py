@@ -909,10 +909,11 @@ def claim_output_dir(out: Path, record: dict, resume: bool):
         if resume and saved_path.exists():
             try:
                 saved = json.loads(saved_path.read_text())
-                assert isinstance(saved, dict)
-            except (OSError, ValueError, AssertionError):
+            except (OSError, ValueError):
+                saved = None
+            if not isinstance(saved, dict):
                 raise UserError(f"{saved_path}: unreadable (what this run was started with); restore it or move the "
-                                f"run away") from None
+                                f"run away")
             check_run_record(out, saved, record)
             if all(saved.get(k) == v for k, v in record.items()):
                 return lock

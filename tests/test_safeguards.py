@@ -133,6 +133,26 @@ def test_full_disk_during_a_metrics_write_leaves_no_torn_line(tiny_model_dir, pa
         assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
+def test_full_disk_during_the_export(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """The disk fills as the export starts: one line naming final.tmp and ENOSPC, no final/ and no final.tmp left,
+    the last checkpoint intact; after the filler is deleted, --resume only exports."""
+    with small_disk(tmp_path / "disk") as disk:
+        run, export, filled = disk / "run", DPOTrainer.export, []
+
+        def export_on_a_full_disk(self):
+            filled.append(fill(disk, 4096))
+            export(self)
+        monkeypatch.setattr(DPOTrainer, "export", export_on_a_full_disk)
+        with pytest.raises(UserError, match=r"^export failed: .*run/final\.tmp: No space left on device \(ENOSPC"):
+            dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2))
+        assert not (run / "final").exists() and not (run / "final.tmp").exists()
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+        filled[0].unlink()
+        monkeypatch.undo()
+        dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, resume=True))
+        assert (run / "final" / "model.safetensors").exists()
+
+
 def test_read_only_output_dir_stops_before_the_step_0_eval(tiny_model_dir, pairs_file, tmp_path):
     with small_disk(tmp_path / "disk", read_only=True) as disk:
         with pytest.raises(UserError, match=r"^--output-dir .*run: Read-only file system \(EROFS\)$"):

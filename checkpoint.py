@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from common import agree_on_error, barrier, first_error, is_main, os_error, print0
+from common import agree_on_error, barrier, first_error, is_main, os_error, print0, write_failure
 
 
 def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_state: dict, state: dict,
@@ -47,10 +48,8 @@ def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_sta
         if rank == 0:
             torch.save(scheduler_state, tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    except OSError as e:
-        error = str(os_error("checkpoint write failed:", tmp, e))
-    except Exception as e:  # noqa: BLE001 - DCP wraps a rank's OSError in its own exception type
-        error = f"checkpoint write failed: {tmp}: {str(e).strip().splitlines()[-1]}"
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps a rank's OSError in a BaseException
+        error = write_failure("checkpoint write failed:", tmp, e)
     if not (error := first_error(error)):  # a collective: every rank has written its files
         if os.environ.get("CLEANRL_RLHF_TEST_SAVE_DELAY"):  # test hook: widen the window for a kill mid-save
             time.sleep(float(os.environ["CLEANRL_RLHF_TEST_SAVE_DELAY"]))
@@ -58,7 +57,7 @@ def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_sta
             if rank == 0:
                 _seal(tmp, final, step, keep)
         except OSError as e:
-            error = str(os_error("checkpoint write failed:", tmp, e))
+            error = write_failure("checkpoint write failed:", tmp, e)
     if error and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     agree_on_error(error)
@@ -145,12 +144,33 @@ def read_checkpoint(ckpt: Path, dcp_state: dict, rank: int):
 
 
 def rollback_metrics(output_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl records that the resumed run writes again (after the checkpoint; all on a fresh start)."""
+    """Drop metrics.jsonl records that the resumed run writes again (after the checkpoint; all on a fresh start),
+    and a torn record a kill or a full disk left mid-line (said, not fatal). Rewritten atomically."""
     metrics = Path(output_dir) / "metrics.jsonl"
-    if is_main() and metrics.exists():
-        kept = [line for line in metrics.read_text().splitlines(keepends=True)
-                if step > 0 and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(kept))
+    if not is_main() or not metrics.exists():
+        return
+    kept, torn = [], 0
+    try:
+        lines = metrics.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                torn += 1
+                continue
+            if step > 0 and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            print0(f"warning: {metrics}: dropped {torn} unreadable record(s) (a write cut short by a kill or a full "
+                   f"disk)")
+        tmp = metrics.with_name(f"metrics.jsonl.tmp{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, metrics)
+    except OSError as e:
+        metrics.with_name(f"metrics.jsonl.tmp{os.getpid()}").unlink(missing_ok=True)
+        raise os_error("--resume: cannot rewrite", metrics, e) from None
 
 
 def fsync(path: Path) -> None:

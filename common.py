@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ class BaseTrainer(ABC):
     summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
     samples_per_s_key = "samples_per_s"  # what a sample is called in the throughput metric
     fixed_shapes = True  # False where every step allocates new shapes (rollouts): a kept heap would fragment and grow
+    state_flags: tuple[str, ...] = ()  # flags besides model and LoRA that change the saved state (run.json)
 
     def __init__(self, args: TrainArgs):
         args.validate()
@@ -191,15 +193,20 @@ class BaseTrainer(ABC):
         self.optimizer = self.build_optimizer(self.model)
         self.scheduler = self.build_scheduler(self.optimizer)
         self.global_step = self.skipped_steps = 0
-        self.wandb, self.wandb_id, self._pbar = None, None, None
+        self.wandb, self.wandb_id, self._pbar, self._lock = None, None, None, None
+        error = ""
         if self.dist.is_main:  # inputs are validated: only now is anything written
             try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise os_error("--output-dir", self.output_dir, e) from None
-        barrier()
-        if args.resume:
-            self.load_checkpoint()
+                self._lock = claim_output_dir(self.output_dir, self.run_record(), args.resume)
+            except UserError as e:
+                error = str(e)
+        try:
+            agree_on_error(error)  # also the barrier: the directory exists for every rank
+            if args.resume:
+                self.load_checkpoint()
+        except BaseException:
+            self.release_output_dir()
+            raise
 
     # --- what varies ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -228,6 +235,17 @@ class BaseTrainer(ABC):
     def hf_model(self) -> nn.Module:
         """The HF model inside self.model: exported to output_dir/final (PPO: the policy without its critic)."""
         return self.model
+
+    def run_record(self) -> dict:
+        """What this run was started with that a resume must share (output_dir/run.json): the script, the model,
+        LoRA, and the script's `state_flags` (world-size-independent flags that change the saved state's shape)."""
+        a = self.args
+        lora = {"lora_r": a.lora_r, "lora_alpha": (a.lora_alpha or 2 * a.lora_r) if a.lora_r else None,
+                "lora_target_modules": sorted(a.lora_target_modules or ["all-linear"]) if a.lora_r else None}
+        model = Path(a.model).expanduser()
+        model = str(model.resolve()) if a.model != BUNDLED_MODEL and model.exists() else a.model
+        flags = {name: getattr(a, name) for name in self.state_flags}
+        return json.loads(json.dumps({"script": self.script_name, "model": model} | lora | flags, default=str))
 
     # --- the reference policy ---------------------------------------------------------------------------------------
     def init_reference(self, policy: nn.Module) -> None:
@@ -350,8 +368,7 @@ class BaseTrainer(ABC):
         record = {"step": self.global_step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
         path = self.output_dir / "metrics.jsonl"
         try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(path, json.dumps(record))
         except OSError as e:
             raise os_error("cannot write", path, e) from None
         if self.wandb is not None:
@@ -367,6 +384,12 @@ class BaseTrainer(ABC):
             print0(line)
 
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            self.release_output_dir()
+
+    def _train(self) -> None:
         args = self.args
         if self.dist.is_main and args.track:
             import wandb
@@ -374,25 +397,28 @@ class BaseTrainer(ABC):
                                     name=self.output_dir.name, dir=str(self.output_dir), id=self.wandb_id,
                                     resume="allow")  # a resumed run continues the same wandb run
             self.wandb_id = self.wandb.id
-        first = self.evaluate() if self.global_step == 0 else None
-        if first is not None:
-            self.log(first, "eval")
         from tqdm import tqdm
-        self._pbar = tqdm(total=args.total_steps, initial=self.global_step, disable=not self.dist.is_main,
-                          dynamic_ncols=True, desc=self.script_name)
-        try:
-            with catch_preemption() as signalled:
+        with catch_preemption() as signalled:  # from the step-0 eval on: a signal there stops before step 1
+            first = self.evaluate() if self.global_step == 0 else None
+            if first:  # no eval rows (--eval-size 0): nothing to log
+                self.log(first, "eval")
+            self._pbar = tqdm(total=args.total_steps, initial=self.global_step, disable=not self.dist.is_main,
+                              dynamic_ncols=True, desc=self.script_name)
+            try:
                 finished, last_eval = self._train_loop(signalled)
-        finally:
-            self._pbar.close()  # ends the bar's line, so an error message starts on its own
-            self._pbar = None
+            finally:
+                self._pbar.close()  # ends the bar's line, so an error message starts on its own
+                self._pbar = None
         if not finished:
-            print0(f"{signalled[0] or 'a signal on another rank'}: stopped after step {self.global_step} with a "
-                   f"checkpoint; relaunch the same command with --resume to continue")
+            where = (f"after step {self.global_step} with a checkpoint" if self.global_step else
+                     "before step 1 (nothing to save yet)")
+            print0(f"{signalled[0] or 'a signal on another rank'}: stopped {where}; relaunch the same command with "
+                   f"--resume to continue")
             return
-        if first is not None and last_eval is not None:
-            print0("eval before -> after: " + ", ".join(
-                f"{k} {first[k]:.3f} -> {last_eval[k]:.3f}" for k in self.summary_keys if k in first))
+        summary = [f"{k} {first[k]:.3f} -> {last_eval[k]:.3f}" for k in self.summary_keys
+                   if first and last_eval and k in first and k in last_eval]
+        if summary:
+            print0("eval before -> after: " + ", ".join(summary))
         if self.global_step > 0:  # --total-steps 0 is an eval-only run
             self.export()
         if self.wandb is not None:
@@ -400,6 +426,8 @@ class BaseTrainer(ABC):
 
     def _train_loop(self, signalled: list) -> tuple[bool, dict | None]:
         args, last_eval, window = self.args, None, MetricWindow()
+        if self.global_step < args.total_steps and any_rank_signalled(signalled, self.device):
+            return False, None  # signalled during the step-0 eval (or the resume): no step to finish or save
         while self.global_step < args.total_steps:
             out = self.training_step()
             window.add(out.metrics, out.num_samples, out.num_tokens)
@@ -411,7 +439,8 @@ class BaseTrainer(ABC):
                 window = None
             if (args.eval_every and self.global_step % args.eval_every == 0) or last:
                 last_eval = self.evaluate()
-                self.log(last_eval, "eval")
+                if last_eval:
+                    self.log(last_eval, "eval")
             saved = (args.save_every and self.global_step % args.save_every == 0) or last
             if saved:
                 self.save_checkpoint()
@@ -431,6 +460,11 @@ class BaseTrainer(ABC):
         self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, "train")
 
     # --- machinery --------------------------------------------------------------------------------------------------
+    def release_output_dir(self) -> None:
+        """Unlock the run directory (at the end of train(), or when the constructor fails after claiming it)."""
+        release_lock(self._lock)
+        self._lock = None
+
     @property
     def fsdp(self) -> bool:
         return self.args.strategy == "fsdp" and dist.is_initialized()
@@ -498,14 +532,23 @@ class BaseTrainer(ABC):
                 random.setstate(rng["python"])
                 if "cuda" in rng and torch.cuda.is_available():
                     torch.cuda.set_rng_state(rng["cuda"], self.device)
-            checkpoint.rollback_metrics(self.output_dir, self.global_step)
+            self._rollback_metrics(self.global_step)
             print0(f"resumed from {ckpt} at step {self.global_step} (row {self.sampler.consumed} of the data order)")
             return
         if checkpoint.complete_checkpoints(self.output_dir):
             raise UserError(f"--resume: no intact checkpoint in {self.output_dir}/checkpoints (see above); move them "
                             f"away to start fresh")
         print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
-        checkpoint.rollback_metrics(self.output_dir, 0)
+        self._rollback_metrics(0)
+
+    def _rollback_metrics(self, step: int) -> None:
+        import checkpoint
+        error = ""
+        try:
+            checkpoint.rollback_metrics(self.output_dir, step)
+        except UserError as e:  # rank 0's disk: every rank stops with it
+            error = str(e)
+        agree_on_error(error)
 
     def export(self) -> None:
         """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
@@ -514,20 +557,32 @@ class BaseTrainer(ABC):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         error, final = "", self.output_dir / "final"
+        tmp = final.with_name("final.tmp")  # renamed when complete: final/ is whole or absent, like a checkpoint
         if self.dist.is_main:
             hf = self.hf_model()
             prefix = next(n for n, m in self.model.named_modules() if m is hf)
             prefix = prefix + "." if prefix else ""
             state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             try:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-export
                 if hasattr(hf, "peft_config"):
-                    hf.save_pretrained(final / "adapter", state_dict=state)
+                    hf.save_pretrained(tmp / "adapter", state_dict=state)
                     hf, state = merged_lora_copy(hf, state), None
-                hf.save_pretrained(final, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(final)
+                hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        with open(f, "rb") as h:
+                            os.fsync(h.fileno())
+                old = final.with_name(f"final.old{os.getpid()}")
+                if final.exists():  # exported before (a resumed run that ran on): swap, then drop the old one
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
                 self.write(f"exported {final}")
-            except OSError as e:
-                error = str(os_error("export failed:", final, e))
+            except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
+                error = write_failure("export failed:", tmp, e)
+                shutil.rmtree(tmp, ignore_errors=True)
         agree_on_error(error)
 
 
@@ -732,6 +787,51 @@ def run_main(fn) -> None:
         sys.exit(code)
 
 
+def write_failure(what: str, path, e: BaseException) -> str:
+    """One line for a failed write: the OSError inside (DCP wraps each rank's failure in a CheckpointException),
+    else the last line of what was raised, named a full disk when the disk is full (torch.save's zip writer reports
+    ENOSPC as 'unexpected pos'). Call before the partial files are removed."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return str(os_error(what, path, x))
+        failures = getattr(x, "failures", None)
+        for f in (failures.values() if isinstance(failures, dict) else []):
+            todo.append(f[0] if isinstance(f, tuple) else f)
+        todo += [x.__cause__, x.__context__]
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    detail = last if getattr(e, "failures", None) else f"{type(e).__name__}: {last}"  # DCP's ends in the inner one
+    with contextlib.suppress(OSError):
+        probe = Path(path) if Path(path).exists() else Path(path).parent
+        free = shutil.disk_usage(probe).free
+        if free < 1 << 20:
+            return f"{what} {path}: No space left on device (ENOSPC: {free} bytes free; {detail})"
+    return f"{what} {path}: {detail}"
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line whole or not at all: a write cut short (a full disk) is truncated away, so the file never
+    ends in a torn record that a later --resume would have to parse."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
 def os_error(what: str, path, e: OSError) -> UserError:
     name = errno.errorcode.get(e.errno, "?") if e.errno else type(e).__name__
     return UserError(f"{what} {path}: {e.strerror or e} ({name})")
@@ -774,6 +874,94 @@ def resolve_output_dir(args: TrainArgs, script: str) -> Path:
         raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
                         f"another --output-dir (nothing was overwritten)")
     return out
+
+
+_HELD_LOCKS: dict[Path, Any] = {}  # run directories this process has locked (in-process tests build several trainers)
+
+
+def claim_output_dir(out: Path, record: dict, resume: bool):
+    """Rank 0, once the inputs are validated: create the run directory, lock it (one run at a time) and check or
+    record what the run was started with (run.json). -> the open lock file: the lock lasts while it is open, and
+    the OS drops it when the process ends however it ends, so a killed run never blocks the next one."""
+    import fcntl
+    import socket
+    key = out.resolve()
+    lock = _HELD_LOCKS.get(key)
+    if lock is None or lock.closed:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / "run.lock", "a+")
+        except OSError as e:
+            raise os_error("--output-dir", out, e) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UserError(f"--output-dir {out}: another run ({holder}) is using it; wait for it to end or choose "
+                            f"another --output-dir") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): run unlocked rather than never
+            print0(f"warning: cannot lock {out / 'run.lock'} ({e.strerror}); make sure no other run uses {out}")
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        except OSError as e:
+            lock.close()
+            raise os_error("--output-dir", out, e) from None
+        _HELD_LOCKS[key] = lock
+    try:
+        # checked again under the lock: a run started at the same moment may have written since resolve_output_dir
+        if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+            raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
+                            f"another --output-dir (nothing was overwritten)")
+        saved_path = out / "run.json"
+        if resume and saved_path.exists():
+            try:
+                saved = json.loads(saved_path.read_text())
+            except (OSError, ValueError):
+                saved = None
+            if not isinstance(saved, dict):
+                raise UserError(f"{saved_path}: unreadable (what this run was started with); restore it or move the "
+                                f"run away")
+            check_run_record(out, saved, record)
+            if all(saved.get(k) == v for k, v in record.items()):
+                return lock
+        tmp = saved_path.with_name(f"run.json.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, saved_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise os_error("--output-dir", out, e) from None
+    except UserError:
+        release_lock(lock)
+        raise
+    return lock
+
+
+def check_run_record(out: Path, saved: dict, record: dict) -> None:
+    """--resume continues the run that is there: the same script, model, LoRA and state-shaping flags, or one line
+    naming both values (the saved weights would not fit, or would silently be another run's)."""
+    if saved.get("script", record["script"]) != record["script"]:
+        raise UserError(f"--output-dir {out}: holds a {saved['script']}.py run (run.json); {record['script']}.py "
+                        f"cannot resume it. Start a new run, e.g. with --model {out / 'final'}")
+    shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+    for key, value in record.items():
+        if key in saved and saved[key] != value:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"--resume: {flag} {shown(value)}, but {out} was started with {flag} {shown(saved[key])} "
+                            f"(its run.json); resume with the same {flag} or choose another --output-dir")
+
+
+def release_lock(lock) -> None:
+    if lock is not None and not lock.closed:
+        for key, held in list(_HELD_LOCKS.items()):
+            if held is lock:
+                del _HELD_LOCKS[key]
+        lock.close()  # closing the file drops the flock
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -842,6 +1030,19 @@ def train_eval_rows(args: TrainArgs) -> tuple[list, list]:
     n_eval = min(args.eval_size, max(1, len(rows) // 10))
     print0(f"eval: {n_eval} rows held out of {args.dataset}")
     return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def check_usable_rows(args: TrainArgs, train_data: list, eval_data: list, eval_rows: list) -> None:
+    """After truncation: a --dataset (or --eval-dataset) left with no usable row is one line naming it; a held-out
+    slice of --dataset that lost all its rows costs only the held-out eval (said): the training rows are fine."""
+    if not train_data:
+        raise UserError(f"{args.dataset}: no usable rows left after truncation to --max-length {args.max_length}")
+    if eval_rows and not eval_data:
+        if args.eval_dataset:
+            raise UserError(f"{args.eval_dataset}: no usable rows left after truncation to --max-length "
+                            f"{args.max_length}")
+        print0(f"warning: all {len(eval_rows)} rows held out of {args.dataset} for eval were dropped by truncation to "
+               f"--max-length {args.max_length}: no held-out eval (raise --max-length or pass --eval-dataset)")
 
 
 def check_text(loc: str, key: str, value: Any, roles: tuple[str, ...] | None = None) -> None:
@@ -914,8 +1115,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int =
     path = resolve_model_path(name, local_rank)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"--model {name}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged directory fails in many types (OSError, ValueError, TypeError)
+        raise UserError(f"--model {name}: could not load a tokenizer ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -969,8 +1171,9 @@ def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, 
     try:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {name}: could not load ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated weights raise safetensors' own error type
+        raise UserError(f"{flag} {name}: could not load ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     for m in model.modules():  # attention dropout is applied functionally, from an attribute or the config
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -990,10 +1193,20 @@ def add_lora(model: nn.Module, args: TrainArgs, task_type: str = "CAUSAL_LM") ->
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or "all-linear", task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        with quiet_peft():
+            return get_peft_model(model, config)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise UserError(f"--lora-r {args.lora_r} --lora-target-modules {args.lora_target_modules or 'all-linear'}: "
                         f"peft cannot wrap {type(model).__name__} ({str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a FutureWarning per rank (and per
+    export) that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.* is deprecated", FutureWarning)
+        yield
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -1037,7 +1250,8 @@ def merged_lora_copy(peft_model: nn.Module, state: dict) -> nn.Module:
     gathered full state dict, so it works whether the live model is sharded or not."""
     from peft import get_peft_model
     base = peft_model.get_base_model()
-    fresh = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
+    with quiet_peft():
+        fresh = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
     fresh.load_state_dict(state)
     return fresh.merge_and_unload()
 
@@ -1053,8 +1267,12 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
     if dist_info.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+    # torch >= 2.13 renames broadcast_buffers (a FutureWarning per rank); its init-time sync is harmless here: every
+    # rank builds identical buffers from the same seed
+    no_sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
     return DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
-               broadcast_buffers=False)
+               **{no_sync_kw: False})
 
 
 def shard_model(model: nn.Module, dist_info: DistInfo, precision: str,
@@ -1071,8 +1289,12 @@ def shard_model(model: nn.Module, dist_info: DistInfo, precision: str,
     for m in model.modules():
         if type(m).__name__ in layer_names:
             fully_shard(m, **kw)
+    # a peft model's root is the HF model inside: peft's generate calls that one directly (a peft wrapper as root
+    # would never gather the embedding there), and its forward reaches it through __call__ too
+    unwrap = lambda m: m.get_base_model() if hasattr(m, "get_base_model") else m
     if roots is None:  # tied weights live inside one child, so they stay in one unit
-        roots = [model] if isinstance(model, PreTrainedModel) else list(model.children())
+        inner = unwrap(model)
+        roots = [inner] if isinstance(inner, PreTrainedModel) else [unwrap(c) for c in model.children()]
     for root in roots:
         fully_shard(root, **kw)
     return model
@@ -1200,6 +1422,9 @@ def bundled_model_dir(local_rank: int = 0) -> Path:
     return target
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt")
+
+
 def resolve_model_path(name: str, local_rank: int = 0, flag: str = "--model") -> str:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the log
@@ -1209,8 +1434,11 @@ def resolve_model_path(name: str, local_rank: int = 0, flag: str = "--model") ->
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"{flag} {name}: directory has no config.json (expected an HF model directory)")
+        if not any(next(path.glob(p), None) for p in WEIGHT_FILES):
+            raise UserError(f"{flag} {name}: directory has no weights ({' or '.join(WEIGHT_FILES[:2])}): an "
+                            f"incomplete export or copy?")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(f"{flag} {name}: no such directory. Pass an HF model directory, a hub id, or omit --model "
-                        f"to use the bundled {BUNDLED_MODEL}")
+        bundled = f", or omit {flag} to use the bundled {BUNDLED_MODEL}" if flag == "--model" else ""
+        raise UserError(f"{flag} {name}: no such directory. Pass an HF model directory or a hub id{bundled}")
     return name  # a hub id: from_pretrained fetches it when the user has the hub

@@ -17,8 +17,8 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, check_flag, check_text, print0, \
-    run_main, train_eval_rows
+from common import Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, check_flag, check_text, \
+    check_usable_rows, print0, run_main, train_eval_rows
 from packing import collate_completions, sequence_logps, tokenize_completions, use_segment_attention
 
 
@@ -119,9 +119,7 @@ class DPOTrainer(BaseTrainer):
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
-        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
-            if not data and (data is self.train_data or eval_rows):
-                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
         if a.precompute_ref_logps and not a.reference_free:  # [B, 2]: each pair's chosen and rejected log-probs
             self.precompute_reference(lambda ref, batch: sequence_logps(ref, batch).view(2, -1).T)
 
@@ -131,7 +129,7 @@ class DPOTrainer(BaseTrainer):
             for key in ("prompt", "chosen", "rejected"):
                 check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, loc)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -357,6 +357,7 @@ class GRPOTrainer(BaseTrainer):
         time_score = clock()
         t = self.build_rollout(group_examples, prompts, completions, mask, has_eos, rewards)
         zero_std = t.pop("zero_std")
+        t["rows"] = [e["loc"] for e in group_examples]  # named by a non-finite loss
         time_logprobs = clock()
         lengths = mask.sum(1)
         metrics = {"reward": rewards.mean(), "reward_std": rewards.view(-1, a.num_generations).std(1).mean(),
@@ -377,10 +378,12 @@ class GRPOTrainer(BaseTrainer):
         """The rollout as --gradient-accumulation-steps equal micro-batches of whole groups, in order (a group stays
         together, so its prompt is shared in the packed forward). One update per pass sees the whole rollout, so
         the order does not matter."""
+        rows, t = t.get("rows", []), {k: v for k, v in t.items() if k != "rows"}
         n = len(t["completions"])
         size = n // self.args.gradient_accumulation_steps
         return [Batch({k: v[s:s + size] for k, v in t.items()}, size, int(t["attention_mask"][s:s + size].sum()),
-                      num_loss_tokens=int(t["loss_mask"][s:s + size].sum())) for s in range(0, n, size)]
+                      num_loss_tokens=int(t["loss_mask"][s:s + size].sum()),
+                      row_ids=list(dict.fromkeys(rows[s:s + size]))) for s in range(0, n, size)]
 
     def compute_loss(self, model, batch: Batch) -> LossOutput:
         """The clipped surrogate (+ beta x k3 KL) of one micro-batch, aggregated by --loss-type."""

@@ -253,13 +253,23 @@ def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
 # A prompt and its completions: tokenization, collation and sequence log-probs (dpo.py, kto.py; reward.py tokenizes)
 
 
-def encode_prompt(tok, prompt: str | list[dict]) -> list[int]:
+def render_chat(tok, messages: list[dict], loc: str, generation_prompt: bool) -> str:
+    """The chat template's text; a template that refuses the conversation (raise_exception, an empty list, a role
+    it does not know) is one line naming the row."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, transformers' ValueError, whatever a template raises
+        raise UserError(f"{loc}: the model's chat template refuses these messages ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def encode_prompt(tok, prompt: str | list[dict], loc: str = "a prompt") -> list[int]:
     """Chat messages get the chat template (with the assistant header) and only the special tokens it writes (a
     template that writes BOS gets exactly that one). A string gets the special tokens the tokenizer adds to plain
     text, as TRL: the BOS that Llama, Mistral and Gemma were pretrained with (not a second one if the string starts
     with it), never a trailing EOS."""
     if isinstance(prompt, list):
-        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, prompt, loc, generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
     ids = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)))["input_ids"]
     eos = tok.eos_token
@@ -282,10 +292,11 @@ def encode_completion(tok, completion: str | list[dict], end_of_turn: list[int] 
 
 
 def tokenize_completions(tok, prompt: str | list[dict], completions: list, max_length: int,
-                         max_prompt_length: int, end_of_turn: list[int] | None = None) -> tuple[dict | None, bool]:
+                         max_prompt_length: int, end_of_turn: list[int] | None = None,
+                         loc: str = "a row") -> tuple[dict | None, bool]:
     """-> ({"prompt": ids, "completions": [ids, ...]}, truncated?), or (None, True) if a completion would vanish. The
     prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
-    prompt_ids = encode_prompt(tok, prompt)
+    prompt_ids = encode_prompt(tok, prompt, loc)
     comps = [encode_completion(tok, c, end_of_turn, chat=isinstance(prompt, list)) for c in completions]
     truncated = len(prompt_ids) > max_prompt_length
     prompt_ids = prompt_ids[-max_prompt_length:]

@@ -292,6 +292,7 @@ def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tenso
 
 class PPOTrainer(BaseTrainer):
     script_name = "ppo"
+    state_flags = ("critic",)  # a separate critic is a second backbone in the saved state
     summary_keys = ("scores", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

@@ -26,7 +26,7 @@ from torch import nn
 
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_text,
-                    load_model, print0, run_main, shard_model, train_eval_rows)
+                    check_usable_rows, load_model, print0, run_main, shard_model, train_eval_rows)
 from packing import pack_prefix_tree, segment_forward, tokenize_completions, use_segment_attention
 
 
@@ -158,9 +158,7 @@ class RewardTrainer(BaseTrainer):
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
-        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
-            if not data and (data is self.train_data or eval_rows):
-                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
@@ -171,7 +169,7 @@ class RewardTrainer(BaseTrainer):
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, loc)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:

@@ -27,7 +27,7 @@ def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, s
     out, truncated = [], 0
     for loc, row in rows:
         check_text(loc, "prompt", row.get("prompt"))
-        ids = encode_prompt(tok, row["prompt"])
+        ids = encode_prompt(tok, row["prompt"], loc)
         truncated += len(ids) > max_prompt_length
         out.append({"loc": loc, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"],
                     "fields": {k: v for k, v in row.items() if k != "prompt"}})
@@ -118,6 +118,9 @@ def load_reward_fn(spec: str):
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise UserError(f"--reward-fn {spec}: cannot import ({e})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran: a SyntaxError, or it raised
+        raise UserError(f"--reward-fn {spec}: importing {module} raised {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if not callable(fn):
         raise UserError(f"--reward-fn {spec}: not callable")
     return fn
@@ -137,6 +140,8 @@ def call_reward_fn(fn, name: str, examples: list[dict], completions: list[str], 
         elif not torch.isfinite(scores).all():
             bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
             error = f"--reward-fn {name}: returned a non-finite score for rows {bad[:8]}"
+    except SystemExit as stop:  # sys.exit() in a reward function must not end the run as if it had succeeded
+        error = f"--reward-fn {name}: called sys.exit({stop.code!r}) on rows {[x['loc'] for x in examples][:8]}"
     except Exception as e:  # noqa: BLE001 - user code: any failure is reported as one line
         error = f"--reward-fn {name}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     agree_on_error(error)

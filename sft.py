@@ -21,9 +21,10 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, end_of_turn_ids, \
-    print0, run_main, train_eval_rows
-from packing import encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, use_segment_attention
+from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, \
+    check_usable_rows, end_of_turn_ids, print0, run_main, train_eval_rows
+from packing import (encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, render_chat,
+                     use_segment_attention)
 
 
 @dataclass
@@ -49,8 +50,8 @@ def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     return -token_logps.sum()
 
 
-def render(tok, messages: list[dict]) -> str:
-    return tok.apply_chat_template(messages, tokenize=False)
+def render(tok, messages: list[dict], loc: str) -> str:
+    return render_chat(tok, messages, loc, generation_prompt=False)
 
 
 PLACEHOLDER = "\ue000"  # a private-use character: no template trims, splits or rewrites it
@@ -70,7 +71,7 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
     work as well as those that do."""
     end_of_turn = end_of_turn or end_of_turn_ids(tok)
     stops = tok.convert_ids_to_tokens(end_of_turn)
-    full = render(tok, messages)
+    full = render(tok, messages, loc)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     token_starts, token_ends = zip(*enc["offset_mapping"]) if ids else ((), ())
@@ -78,7 +79,7 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        other = render(tok, messages[:i] + [m | {"content": PLACEHOLDER}] + messages[i + 1:])
+        other = render(tok, messages[:i] + [m | {"content": PLACEHOLDER}] + messages[i + 1:], loc)
         start = common_prefix(full, other)
         end = len(full) - common_prefix(full[start:][::-1], other[start:][::-1])
         if end <= start:
@@ -133,6 +134,9 @@ def check_row(loc: str, row: dict) -> None:
         turns = [j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"]
         if not turns:
             raise UserError(f"{loc}: field 'messages' has no assistant turn (nothing to learn from)")
+        if turns[0] == 0:
+            raise UserError(f"{loc}: field 'messages' starts with an assistant turn (a reply to nothing; the chat "
+                            f"template renders turns after a system or user message)")
         for j in turns:
             if not row["messages"][j]["content"].strip():
                 raise UserError(f"{loc}: field 'messages' message {j} (assistant) is empty")
@@ -194,9 +198,7 @@ class SFTTrainer(BaseTrainer):
             train_rows, eval_rows = train_eval_rows(a)
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
-        for data, name in ((self.train_data, a.dataset), (self.eval_data, a.eval_dataset or a.dataset)):
-            if not data and (data is self.train_data or eval_rows):
-                raise UserError(f"{name}: no usable rows left after truncation to --max-length {a.max_length}")
+        check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0

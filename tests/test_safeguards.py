@@ -1,0 +1,492 @@
+"""Nothing lost, round three: a real full disk (tmpfs), a locked and recorded run directory, atomic export, and the
+ways a run can be started wrong. Each bad start is one line (UserError -> exit 2) with nothing written or lost."""
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+from common import UserError
+from conftest import ENV, ROOT, dpo_args, read_metrics, script_args, write_prompt_task
+from dpo import DPOTrainer, main as dpo_main
+
+
+# --- a small real disk ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m", read_only: bool = False):
+    """A tmpfs of `size` mounted at path (tests run as root); skipped with the reason where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): a real full disk needs one")
+    try:
+        if read_only:
+            (path / "run").mkdir()
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write a filler file until the disk has `leave` bytes free (0: until it refuses another byte)."""
+    filler = disk / "filler"
+    with open(filler, "ab", buffering=0) as f, contextlib.suppress(OSError):  # unbuffered: close() writes nothing
+        while shutil.disk_usage(disk).free > leave:
+            f.write(b"\0" * min(1 << 16, max(shutil.disk_usage(disk).free - leave, 4096)))
+        while leave == 0:
+            f.write(b"\0" * 512)
+    return filler
+
+
+def _task(tmp_path: Path) -> Path:
+    """prompts.jsonl and my_rewards.py (conftest.write_prompt_task) in tmp_path/task."""
+    (tmp_path / "task").mkdir()
+    return write_prompt_task(tmp_path / "task")
+
+
+def weights(t) -> dict:
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, pairs_file, tmp_path_factory):
+    """An fp32 DPO run of 6 steps (checkpoints every 2): the weights every interrupted-and-resumed run must reach."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    t = dpo_main(dpo_args(tiny_model_dir, pairs_file, out, total_steps=6, save_every=2, keep_checkpoints=3))
+    return out, weights(t)
+
+
+def _run_args(tiny_model_dir, pairs_file, out, **kw):
+    return dpo_args(tiny_model_dir, pairs_file, out, total_steps=6, save_every=2, keep_checkpoints=3, **kw)
+
+
+@pytest.mark.parametrize("leave,inner", [(4096, "torch.save's zip writer"), (96 << 10, "DCP")])
+def test_real_full_disk_during_a_checkpoint(tiny_model_dir, pairs_file, tmp_path, monkeypatch, reference, leave,
+                                            inner):
+    """The disk fills after step 4 (4 KB left: the rng file's zip write fails; 96 KB: DCP's shard write fails):
+    one line naming the .tmp and ENOSPC, the .tmp removed (the space is free again), step 2 intact; after the
+    filler is deleted, --resume reaches the uninterrupted run's weights."""
+    with small_disk(tmp_path / "disk") as disk:
+        run, filled = disk / "run", []
+
+        def fill_after_step_4(self, out):
+            if self.global_step == 4 and not filled:
+                filled.append(fill(disk, leave))
+        monkeypatch.setattr(DPOTrainer, "on_step_end", fill_after_step_4)
+        with pytest.raises(UserError, match=r"^checkpoint write failed: .*step_00000004\.tmp: No space left on "
+                                            r"device \(ENOSPC") as e:
+            dpo_main(_run_args(tiny_model_dir, pairs_file, run))
+        assert "\n" not in str(e.value)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+        filled[0].unlink()
+        monkeypatch.undo()
+        t = dpo_main(_run_args(tiny_model_dir, pairs_file, run, resume=True))
+        for k, v in weights(t).items():
+            torch.testing.assert_close(v, reference[1][k])
+        assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_full_disk_during_a_metrics_write_leaves_no_torn_line(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
+                                                              reference, capsys):
+    """The disk fills with 20 bytes of slack in metrics.jsonl's last page: step 3's record is cut short by the disk.
+    The run stops with one line, metrics.jsonl ends on a whole record; a torn record left by a kill -9 is dropped
+    (and said) by --resume, which reaches the uninterrupted run's weights."""
+    with small_disk(tmp_path / "disk") as disk:
+        run, filled = disk / "run", []
+
+        def fill_after_step_3(self, out):
+            if self.global_step == 3 and not filled:
+                metrics = run / "metrics.jsonl"
+                lines = metrics.read_text().splitlines()
+                pad = (-(len(metrics.read_bytes()) + 20)) % 4096  # whitespace inside the first record is valid JSON
+                metrics.write_text("\n".join([lines[0][:-1] + " " * pad + "}"] + lines[1:]) + "\n")
+                filled.append(fill(disk, 0))
+        monkeypatch.setattr(DPOTrainer, "on_step_end", fill_after_step_3)
+        with pytest.raises(UserError, match=r"^cannot write .*metrics\.jsonl: No space left on device \(ENOSPC\)$"):
+            dpo_main(_run_args(tiny_model_dir, pairs_file, run))
+        text = (run / "metrics.jsonl").read_text()
+        assert text.endswith("\n") and [json.loads(ln)["step"] for ln in text.splitlines()][-1] == 2
+        filled[0].unlink()
+        monkeypatch.undo()
+        with open(run / "metrics.jsonl", "a") as f:  # what a kill -9 mid-write leaves
+            f.write('{"step": 3, "train/lo')
+        t = dpo_main(_run_args(tiny_model_dir, pairs_file, run, resume=True))
+        assert "dropped 1 unreadable record" in capsys.readouterr().out
+        for k, v in weights(t).items():
+            torch.testing.assert_close(v, reference[1][k])
+        assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_full_disk_during_the_export(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """The disk fills as the export starts: one line naming final.tmp and ENOSPC, no final/ and no final.tmp left,
+    the last checkpoint intact; after the filler is deleted, --resume only exports."""
+    with small_disk(tmp_path / "disk") as disk:
+        run, export, filled = disk / "run", DPOTrainer.export, []
+
+        def export_on_a_full_disk(self):
+            filled.append(fill(disk, 4096))
+            export(self)
+        monkeypatch.setattr(DPOTrainer, "export", export_on_a_full_disk)
+        with pytest.raises(UserError, match=r"^export failed: .*run/final\.tmp: No space left on device \(ENOSPC"):
+            dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2))
+        assert not (run / "final").exists() and not (run / "final.tmp").exists()
+        assert (run / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+        filled[0].unlink()
+        monkeypatch.undo()
+        dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, resume=True))
+        assert (run / "final" / "model.safetensors").exists()
+
+
+def test_read_only_output_dir_stops_before_the_step_0_eval(tiny_model_dir, pairs_file, tmp_path):
+    with small_disk(tmp_path / "disk", read_only=True) as disk:
+        with pytest.raises(UserError, match=r"^--output-dir .*run: Read-only file system \(EROFS\)$"):
+            DPOTrainer(dpo_args(tiny_model_dir, pairs_file, disk / "run"))
+
+
+# --- the run directory: run.json and its lock -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model_dir, pairs_file, tmp_path_factory):
+    """A finished 2-step DPO run with a checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, out, total_steps=2, save_every=2))
+    return out
+
+
+def snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_run_json_records_what_the_run_was_started_with(saved, tiny_model_dir):
+    record = json.loads((saved / "run.json").read_text())
+    assert record == {"script": "dpo", "model": str(Path(tiny_model_dir).resolve()), "lora_r": 0, "lora_alpha": None,
+                      "lora_target_modules": None}
+
+
+@pytest.mark.parametrize("change,flag", [
+    ("lora", "--lora-r 4, but .* was started with --lora-r 0"),
+    ("model", "--model .*other_model, but .* was started with --model .*tiny_model\\d*")])
+def test_resume_with_another_model_or_lora_is_one_line_naming_both(saved, tiny_model_dir, pairs_file, tmp_path, change,
+                                                                   flag):
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    before = snapshot(run)
+    model = str(shutil.copytree(tiny_model_dir, tmp_path / "other_model")) if change == "model" else tiny_model_dir
+    args = dpo_args(model, pairs_file, run, total_steps=4, resume=True, lora_r=4 if change == "lora" else 0)
+    with pytest.raises(UserError, match=rf"^--resume: {flag} \(its run\.json\); resume with the same"):
+        DPOTrainer(args)
+    assert snapshot(run) == before  # nothing written, nothing lost
+
+
+def test_another_script_cannot_resume_a_run(saved, tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.py --resume on dpo.py's directory: one line, the directory untouched (it 'resumed' and exported before)."""
+    from grpo import Args, GRPOTrainer
+    task = _task(tmp_path)
+    monkeypatch.syspath_prepend(str(task))
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    before = snapshot(run)
+    args = Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"],
+                output_dir=str(run), precision="fp32", batch_size=2, num_generations=2, total_steps=4,
+                max_length=48, max_new_tokens=4, resume=True)
+    with pytest.raises(UserError, match=r"^--output-dir .*run: holds a dpo\.py run \(run\.json\); grpo\.py cannot "
+                                        r"resume it"):
+        GRPOTrainer(args)
+    assert snapshot(run) == before
+
+
+def test_a_locked_output_dir_is_one_line_and_a_stale_lock_is_not(tiny_model_dir, pairs_file, tmp_path):
+    """Another live run holds run.lock: one line naming it, nothing written. Once it is gone (its lock file stays,
+    as after a kill -9), the next run goes ahead; a finished run leaves the directory unlocked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    other = open(run / "run.lock", "a+")  # another process's open file description: flock conflicts with it
+    other.write("pid 4242 on elsewhere\n")
+    other.flush()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(UserError, match=r"^--output-dir .*run: another run \(pid 4242 on elsewhere\) is using it"):
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run))
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    other.close()  # the holder dies: the file stays, the lock goes
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2))
+    assert (run / "final" / "model.safetensors").exists()
+    with open(run / "run.lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit: this would raise if still held
+
+
+# --- models and exports ---------------------------------------------------------------------------------------------
+
+
+def test_export_is_atomic_and_a_model_without_weights_is_one_line(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """A kill mid-export leaves no final/ (only final.tmp, replaced by the next export); a directory with only
+    config.json, or with truncated weights, as --model is one line."""
+    from transformers import PreTrainedTokenizerBase
+    run = tmp_path / "run"
+    save = PreTrainedTokenizerBase.save_pretrained
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # not an Exception: nothing in the export may clean up after it, as after kill -9
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2))
+    assert not (run / "final").exists() and (run / "final.tmp" / "config.json").exists()
+
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(run / "final.tmp" / "config.json", config_only)
+    with pytest.raises(UserError, match=r"^--model .*config_only: directory has no weights"):
+        DPOTrainer(dpo_args(str(config_only), pairs_file, tmp_path / "r1"))
+    truncated = shutil.copytree(tiny_model_dir, tmp_path / "truncated")
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "model.safetensors") // 2)
+    with pytest.raises(UserError, match=r"^--model .*truncated: could not load \(\w+"):
+        DPOTrainer(dpo_args(str(truncated), pairs_file, tmp_path / "r2"))
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2, resume=True))
+    assert (run / "final" / "tokenizer_config.json").exists() and not (run / "final.tmp").exists()
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2, resume=True))  # exported again
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"]
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_no_such_reward_model_does_not_mention_omitting_model(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match=r"^--reward-model /no/such/rm: no such directory\. Pass an HF model directory "
+                                        r"or a hub id$"):
+        common.load_model("/no/such/rm", flag="--reward-model")
+
+
+def test_peft_wrapping_raises_no_future_warning(tiny_model_dir):
+    """peft reads a deprecated transformers property on every wrap: one FutureWarning per rank, per export."""
+    model = common.load_model(tiny_model_dir)
+    args = SimpleNamespace(lora_r=4, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = common.add_lora(model, args)
+        common.merged_lora_copy(peft_model, peft_model.state_dict())
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_ddp_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
+    """torch 2.13 deprecates DDP's broadcast_buffers: one FutureWarning per rank at every start."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            common.wrap_ddp(common.load_model(tiny_model_dir), common.DistInfo(world_size=2))
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+
+
+def _conversations(path: Path, long_rows: set[int], n: int = 23) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            user = "x" * 10_000 if i in long_rows else f"say {i}"
+            f.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                             {"role": "assistant", "content": f"ok {i}"}]}) + "\n")
+    return str(path)
+
+
+def test_held_out_slice_lost_to_truncation_costs_only_the_eval(tiny_model_dir, tmp_path, capsys):
+    """3 of 23 conversations have a 10k-character user turn and 2 of them are the held-out slice: training goes on
+    with the 20 usable rows, without a held-out eval, and says so. An --eval-dataset left empty is one line."""
+    from sft import main as sft_main
+    order = list(range(23))
+    random.Random(0).shuffle(order)  # train_eval_rows' held-out order: the first 2 are held out
+    data = _conversations(tmp_path / "chats.jsonl", {order[0], order[1], order[5]})
+    sft_main(script_args("sft", tiny_model_dir, data, tmp_path / "run", total_steps=2, batch_size=2))
+    out = capsys.readouterr().out
+    assert "warning: all 2 rows held out of" in out and "no held-out eval" in out and "train: 20 sequences" in out
+    assert not [m for m in read_metrics(tmp_path / "run") if any(k.startswith("eval/") for k in m)]
+    evals = _conversations(tmp_path / "evals.jsonl", set(range(3)), n=3)
+    with pytest.raises(UserError, match=r"evals\.jsonl: no usable rows left after truncation to --max-length 64$"):
+        sft_main(script_args("sft", tiny_model_dir, data, tmp_path / "run2", eval_dataset=evals))
+
+
+def test_assistant_first_conversation_and_a_refusing_chat_template_are_one_line(tiny_model_dir, tmp_path):
+    from sft import SFTTrainer
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "hello"},
+                                                      {"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chats\.jsonl:2: field 'messages' starts with an assistant turn"):
+        SFTTrainer(script_args("sft", tiny_model_dir, str(data), tmp_path / "r1", eval_size=0))
+    strict = Path(shutil.copytree(tiny_model_dir, tmp_path / "strict"))
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role here') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    data.write_text(json.dumps({"messages": [{"role": "system", "content": "be terse"},
+                                             {"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chats\.jsonl:1: the model's chat template refuses these messages "
+                                        r"\(\w+: no system role here\)$"):
+        SFTTrainer(script_args("sft", str(strict), str(data), tmp_path / "r2", eval_size=0))
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+# --- reward code that misbehaves, GRPO's non-finite message, --eval-size 0 --------------------------------------------
+
+
+BAD_REWARDS = {
+    "syntax_error": ("def f(prompts, completions, **kw)\n    return [0.0]\n", "f",
+                     r"importing syntax_error raised SyntaxError: .*line 1"),
+    "raises_on_import": ("raise RuntimeError('no GPU for the judge')\n", "f",
+                         r"importing raises_on_import raised RuntimeError: no GPU for the judge"),
+    "exits_on_import": ("import sys\nsys.exit(0)\n", "f", r"importing exits_on_import raised SystemExit: 0"),
+    "exits_when_called": ("import sys\ndef f(prompts, completions, **kw):\n    sys.exit(0)\n", "f",
+                          r"called sys\.exit\(0\) on rows \['.*prompts\.jsonl:\d+'"),
+}
+
+
+@pytest.mark.parametrize("module", BAD_REWARDS)
+def test_reward_code_that_raises_or_exits_is_one_line(tiny_model_dir, tmp_path, monkeypatch, module):
+    """A SyntaxError, an exception or sys.exit(0) at import or in the call: one line, exit 2, nothing trained; never
+    exit 0 with nothing done."""
+    from grpo import Args
+    from grpo import main as grpo_main
+    task = _task(tmp_path)
+    source, fn, match = BAD_REWARDS[module]
+    (task / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(task))
+    args = Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=[f"{module}:{fn}"],
+                output_dir=str(tmp_path / "run"), precision="fp32", batch_size=2, num_generations=2, total_steps=2,
+                max_length=48, max_new_tokens=4, eval_size=2)
+    with pytest.raises(UserError, match=rf"^--reward-fn {module}:{fn}: {match}"):
+        grpo_main(args)
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_grpo_nonfinite_loss_names_its_rows(tiny_model_dir, tmp_path, monkeypatch):
+    from grpo import Args, GRPOTrainer
+    task = _task(tmp_path)
+    monkeypatch.syspath_prepend(str(task))
+    t = GRPOTrainer(Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"],
+                         output_dir=str(tmp_path / "run"), precision="fp32", batch_size=2, num_generations=2,
+                         total_steps=2, max_length=48, max_new_tokens=4, eval_size=2))
+    loss = t.compute_loss
+    monkeypatch.setattr(t, "compute_loss", lambda m, b: (o := loss(m, b)) and setattr(o, "loss", o.loss * torch.nan)
+                        or o)
+    with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 1 \(rows \['.*prompts\.jsonl:\d+', "
+                                        r"'.*prompts\.jsonl:\d+'\]\)"):
+        t.train()
+
+
+def test_eval_size_zero_logs_no_empty_eval_and_prints_no_empty_summary(tiny_model_dir, pairs_file, tmp_path, capsys):
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, tmp_path / "run", total_steps=2, eval_size=0))
+    assert all(len(m) > 1 for m in read_metrics(tmp_path / "run"))  # no bare {"step": 0}
+    assert "eval before -> after" not in capsys.readouterr().out
+
+
+# --- subprocesses: two runs at once, SIGTERM in the step-0 eval, LoRA under FSDP --------------------------------------
+
+
+GATED_REWARD = '''
+import os, time
+def gated(prompts, completions, **fields):
+    gate = os.environ["SAFE_GATE"]
+    if not os.path.exists(os.path.join(gate, "go")):  # the step-0 eval waits here until the test lets it go
+        open(os.path.join(gate, "in_eval_%d" % os.getpid()), "w").close()
+        t0 = time.time()
+        while not os.path.exists(os.path.join(gate, "go")) and time.time() - t0 < 120:
+            time.sleep(0.05)
+    return [len(c) / 8 for c in completions]
+'''
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_then_sigterm_in_the_step_0_eval_then_resume(tiny_model_dir, tmp_path):
+    """Two grpo.py runs started at once into one new directory: one is refused with one line (exit 2), the other
+    holds it. SIGTERM while that one is in its step-0 eval: it stops before step 1, exit 0, its run.json and eval
+    record kept. --resume starts fresh (nothing was saved), finishes and exports; LoRA raised no FutureWarning."""
+    task = _task(tmp_path)
+    (task / "gated_reward.py").write_text(GATED_REWARD)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = ENV | {"SAFE_GATE": str(gate), "PYTHONPATH": str(task)}
+    out = tmp_path / "run"
+    flags = [f"--model={tiny_model_dir}", f"--dataset={task / 'prompts.jsonl'}", "--reward-fn=gated_reward:gated",
+             f"--output-dir={out}", "--precision=fp32", "--batch-size=2", "--num-generations=2", "--total-steps=3",
+             "--max-length=48", "--max-new-tokens=4", "--eval-size=2", "--log-every=1", "--save-every=2",
+             "--lora-r=4", "--lora-target-modules", "q_proj", "v_proj"]
+
+    def launch(*extra):
+        return subprocess.Popen([sys.executable, "grpo.py", *flags, *extra], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [launch(), launch()]
+    t0 = time.time()
+    while not (list(gate.glob("in_eval_*")) and any(p.poll() is not None for p in procs)):
+        assert time.time() - t0 < 240, [p.poll() for p in procs]
+        time.sleep(0.1)
+    loser = next(p for p in procs if p.poll() is not None)
+    winner = next(p for p in procs if p is not loser)
+    _, err = loser.communicate()
+    assert loser.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: --output-dir {out}: another run (pid {winner.pid} on ")
+    assert [p.name for p in gate.glob("in_eval_*")] == [f"in_eval_{winner.pid}"]
+    winner.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    (gate / "go").touch()
+    stdout, err = winner.communicate(timeout=120)
+    assert winner.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopped before step 1 (nothing to save yet); relaunch the same command with --resume" in stdout
+    assert json.loads((out / "run.json").read_text())["script"] == "grpo"
+    assert [sorted(m) for m in read_metrics(out)] == [["eval/completions/mean_length", "eval/reward", "step"]]
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
+
+    r = launch("--resume")
+    stdout, err = r.communicate(timeout=300)
+    assert r.returncode == 0 and "starting fresh" in stdout, err[-2000:]
+    assert "FutureWarning" not in err, err[-2000:]
+    steps = [(m["step"], "eval" if "eval/reward" in m else "train" if "train/reward" in m else "samples")
+             for m in read_metrics(out)]
+    assert steps.count((0, "eval")) == 1 and [s for s, k in steps if k == "train"] == [1, 2, 3]
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["grpo", "ppo"])
+def test_lora_under_fsdp_runs_rl_scripts(tiny_model_dir, tmp_path, script):
+    """The step-0 generation of a LoRA policy under FSDP (peft's generate skips a peft root's hooks): 2 ranks train,
+    checkpoint, export the merged model and the adapter; no FutureWarning from peft on any rank."""
+    task = _task(tmp_path)
+    out = tmp_path / "run"
+    flags = [f"--model={tiny_model_dir}", f"--dataset={task / 'prompts.jsonl'}", f"--output-dir={out}",
+             "--precision=fp32", "--batch-size=2", "--total-steps=2", "--max-length=48", "--max-new-tokens=4",
+             "--eval-size=2", "--save-every=2", "--strategy=fsdp", "--lora-r=8", "--lora-target-modules", "q_proj",
+             "v_proj"]
+    flags += (["--reward-fn=my_rewards:length", "--num-generations=2", "--beta=0.1"] if script == "grpo" else
+              ["--reward-fn=my_rewards:length"])
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", f"--master_port={29571 + (script == 'ppo')}",
+                        f"{script}.py", *flags], cwd=ROOT, env=ENV | {"PYTHONPATH": str(task)}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FutureWarning" not in r.stderr, r.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out) if any(k.startswith("eval/") for k in m)] == [0, 2]
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()

@@ -15,7 +15,6 @@ standard library and harness.py, so the TRL venv needs neither tyro nor this rep
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import harness
@@ -111,11 +110,7 @@ def worker_ours(spec: dict) -> dict:
                     output_dir=spec["output_dir"], total_steps=n_steps, batch_size=spec["batch_size"],
                     max_length=spec["max_length"], max_prompt_length=spec["max_length"],
                     precision=spec["precision"], learning_rate=1e-6, warmup_steps=0, seed=1, **spec["ours_args"])
-    t0 = time.perf_counter()
-    trainer = TimedDPOTrainer(args)
-    setup_s = time.perf_counter() - t0
-    if len(trainer.train_data) != spec["num_rows"]:
-        raise RuntimeError(f"ours kept {len(trainer.train_data)} of {spec['num_rows']} rows")
+    trainer, setup_s = harness.build_ours(TimedDPOTrainer, args, spec["num_rows"])
     trainer.sampler = harness.SequentialSampler(len(trainer.train_data), spec["batch_size"])
     computed = []  # tokens through the model: the packed row (each prompt once) or the non-pad tokens of the batch
     harness.on_batch(trainer, lambda b: computed.append(int(
@@ -180,17 +175,17 @@ def summarize(res: dict, cfg: dict, warmup: int, n_params: int, peaks: dict) -> 
     if "error" in res:
         return res
     timed, toks = res["step_s"][warmup:], res["tokens"][warmup:]
-    med = statistics.median(timed)
+    stats = harness.timed_stats(timed)
+    med = stats["median_s"]
     t_mean = sum(toks) / len(toks)
     # LoRA: the frozen weights need no weight gradients, so the backward costs 2NT instead of 4NT
     coef = (4 if cfg.get("lora") else 6) + 2 * ref_in_step(cfg)
     flops = coef * n_params * t_mean
     computed = res.get("computed_tokens", res["tokens"])[warmup:]  # TRL: every non-pad token goes through
     c_mean = sum(computed) / len(computed)
-    return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "tokens_mean": t_mean,
-                  "computed_mean": c_mean, "tokens_per_s": t_mean / med, "coef": coef, "flops": flops,
-                  "mfu": flops / med / (peaks[cfg["precision"]] * 1e9),
-                  "hfu": coef * n_params * c_mean / med / (peaks[cfg["precision"]] * 1e9)}
+    return res | stats | {"tokens_mean": t_mean, "computed_mean": c_mean, "tokens_per_s": t_mean / med, "coef": coef,
+                          "flops": flops, "mfu": flops / med / (peaks[cfg["precision"]] * 1e9),
+                          "hfu": coef * n_params * c_mean / med / (peaks[cfg["precision"]] * 1e9)}
 
 
 
@@ -208,9 +203,7 @@ def render(results: dict, order: list[str], meta: dict) -> str:
              f"whose prompt fills max_length; ours runs with `--max-length {meta['max_length']} --max-prompt-length "
              f"{meta['max_length']}`, which keeps such a prompt whole and cuts the completion from the right to "
              f"max_length - prompt: the same tokens (the tokens/step columns agree)")
-    L.append(f"- steps: {meta['warmup']} warm-up + {meta['timed']} timed optimizer steps per configuration, each "
-             f"configuration in a fresh process, ours and TRL alternating; s/step = median of the timed steps "
-             f"[min-max]")
+    L.append(harness.steps_line(meta))
     L.append(f"- matmul peak (torch.mm loop, best of 1024^2 and 2048^2): bf16 {peaks['bf16']:.0f} GFLOP/s, "
              f"fp32 {peaks['fp32']:.0f} GFLOP/s (before the runs: bf16 {meta['peak_before']['bf16']:.0f} / fp32 "
              f"{meta['peak_before']['fp32']:.0f}; after: bf16 {meta['peak_after']['bf16']:.0f} / fp32 "
@@ -265,17 +258,14 @@ def render(results: dict, order: list[str], meta: dict) -> str:
     L.append("| ours | TRL | s/step ours/TRL | speed-up TRL/ours | tokens/s ours/TRL | peak RSS train ours/TRL "
              "| peak RSS process ours/TRL |")
     L.append("| --- | --- | --- | --- | --- | --- | --- |")
-    for o, t in PAIRS:
-        if o not in results or t not in results or "error" in results[o] or "error" in results[t]:
-            continue
+    pairs = [(o, t) for o, t in PAIRS if harness.finished(results, o, t)]
+    for o, t in pairs:
         ro, rt = results[o], results[t]
-        tr = (f"{ro['train_peak_rss'] / rt['train_peak_rss']:.2f}"
-              if ro["train_peak_rss"] and rt["train_peak_rss"] else "n/a")
         L.append(f"| {CONFIGS[o]['label']} | {CONFIGS[t]['label']} | {ro['median_s'] / rt['median_s']:.3f} | "
-                 f"{rt['median_s'] / ro['median_s']:.2f}x | {ro['tokens_per_s'] / rt['tokens_per_s']:.2f} | {tr} | "
+                 f"{rt['median_s'] / ro['median_s']:.2f}x | {ro['tokens_per_s'] / rt['tokens_per_s']:.2f} | "
+                 f"{harness.ratio(ro['train_peak_rss'], rt['train_peak_rss'])} | "
                  f"{ro['process_peak_rss'] / rt['process_peak_rss']:.2f} |")
-    mism = [(o, t) for o, t in PAIRS if o in results and t in results and "error" not in results[o]
-            and "error" not in results[t] and results[o]["tokens"] != results[t]["tokens"]]
+    mism = [(o, t) for o, t in pairs if results[o]["tokens"] != results[t]["tokens"]]
     if mism:
         L.append("\nWarning: per-step token counts differ between " + ", ".join(f"{o}/{t}" for o, t in mism) + ": "
                  + "; ".join(f"{k}: {results[k]['tokens']}" for k in sorted({x for p in mism for x in p})))
@@ -288,9 +278,7 @@ def render(results: dict, order: list[str], meta: dict) -> str:
 
 
 def targets(results: dict) -> str:
-    def ok(name: str) -> bool:
-        return name in results and "error" not in results[name]
-
+    ok = lambda *names: harness.finished(results, *names)
     out = []
     for prec, bound, ours, trls in (("bf16", 4, ("ours-bf16", "ours-bf16-pre"), ("trl-bf16", "trl-best")),
                                     ("fp32", 2, ("ours-fp32", "ours-fp32-pre"), ("trl-fp32", "trl-fp32-best"))):
@@ -308,7 +296,7 @@ def targets(results: dict) -> str:
                        f"{'met' if m >= 0.4 else 'NOT met'}")
     for o, t in (("ours-fp32", "trl-fp32"), ("ours-fp32-pre", "trl-fp32-best"), ("ours-bf16", "trl-bf16"),
                  ("ours-bf16-pre", "trl-best"), ("ours-fp32-gc", "trl-fp32"), ("ours-bf16-gc", "trl-bf16")):
-        if ok(o) and ok(t) and results[o]["train_peak_rss"] and results[t]["train_peak_rss"]:
+        if ok(o, t) and results[o]["train_peak_rss"] and results[t]["train_peak_rss"]:
             r = results[o]["train_peak_rss"] / results[t]["train_peak_rss"]
             out.append(f"- peak RSS (train) <= 0.6x: {o} / {t} = {r:.2f} -> {'met' if r <= 0.6 else 'NOT met'}")
     return "\n".join(out)

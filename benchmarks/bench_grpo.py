@@ -18,8 +18,6 @@ venv needs neither tyro nor this repo's requirements.
 """
 from __future__ import annotations
 
-import time
-
 import harness
 from harness import SPLIT_KEYS, config_name, memory_report, repo_on_path
 
@@ -63,12 +61,7 @@ def worker_ours(spec: dict) -> dict:
                   num_iterations=spec["num_iterations"], gradient_accumulation_steps=1, precision="bf16", seed=1,
                   log_every=10 ** 9, eval_every=0)
     args = grpo.Args(**kwargs | spec["ours_kwargs"])
-    t0 = time.perf_counter()
-    trainer = grpo.GRPOTrainer(args)
-    setup_s = time.perf_counter() - t0
-    if len(trainer.train_data) != spec["num_task_prompts"]:
-        raise RuntimeError(f"ours has {len(trainer.train_data)} training prompts, the parent wrote "
-                           f"{spec['num_task_prompts']}")
+    trainer, setup_s = harness.build_ours(grpo.GRPOTrainer, args, spec["num_task_prompts"])
     trainer.sampler = harness.ListSampler(spec["ours_steps"])  # indices into the built-in prompts, per iteration
     notes = []
     dtype = next(trainer.model.parameters()).dtype
@@ -180,10 +173,7 @@ def main() -> None:
         raise SystemExit(f"--num-iterations {a.num_iterations}: must be >= 1")
     runs = harness.parse_runs(a, CONFIGS, repeats=True)
     model_dir = harness.default_model(a.model)
-    from transformers import AutoTokenizer
-
     import tasks
-    from packing import encode_prompt
     work = harness.workdir(a.workdir, "bench_grpo_")
     n_steps = a.warmup_steps + a.timed_steps
     per_iter = a.batch_size // a.num_generations  # distinct prompts per iteration
@@ -192,13 +182,11 @@ def main() -> None:
     n_prompts = per_iter * n_steps
     rows = [task_rows[k % len(task_rows)] for k in range(n_prompts)]
     ours_steps = [[(s * per_iter + j) % len(task_rows) for j in range(per_iter)] for s in range(n_steps)]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = sorted({len(encode_prompt(tok, r["prompt"])) for r in rows})
     meta = harness.machine_meta() | {
         "model": model_dir, "batch_size": a.batch_size, "num_generations": a.num_generations,
         "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "num_iterations": a.num_iterations,
         "warmup": a.warmup_steps, "timed": a.timed_steps, "num_prompts": n_prompts,
-        "prompt_tokens": f"{lengths[0]}" + (f"-{lengths[-1]}" if lengths[-1] != lengths[0] else "")}
+        "prompt_tokens": harness.prompt_tokens(model_dir, rows)}
     print(f"work dir {work}; {n_prompts} prompt rows ({len(task_rows)} distinct training prompts), "
           f"{meta['prompt_tokens']} tokens each; load {meta['load_start']}", flush=True)
     # harness.worker_trl_grpo reads batch_size (episodes), num_generations, num_iterations and the prompt file
@@ -211,9 +199,7 @@ def main() -> None:
     def spec_of(name: str, cfg: dict) -> dict:
         trl = TRL_SHARED | cfg["trl_kwargs"] if cfg["side"] == "trl" else {}
         return base_spec | {"ours_kwargs": cfg.get("ours_kwargs", {}), "trl_kwargs": trl}
-    raw = harness.run_all(a, __file__, runs, CONFIGS, work, meta, spec_of,
-                          lambda r: f"iterations {' '.join(f'{s:.2f}' for s in r['iter_s'])} s; generated tokens "
-                                    f"{r['gen_tokens']}")
+    raw = harness.run_all(a, __file__, runs, CONFIGS, work, meta, spec_of, harness.describe_iterations)
     results = {name: harness.summarize_iterations(raw[name], a.warmup_steps, a.batch_size) for name in runs}
     harness.finish(a, work, meta, results, render(results, runs, meta))
 

@@ -18,8 +18,6 @@ needs neither tyro nor this repo's requirements.
 """
 from __future__ import annotations
 
-import time
-
 import harness
 from harness import SPLIT_KEYS, config_name, memory_report, repo_on_path
 
@@ -62,11 +60,7 @@ def worker_ours(spec: dict) -> dict:
                   temperature=spec["temperature"], top_p=1.0, ppo_epochs=2, num_minibatches=1,
                   gradient_accumulation_steps=1, precision="bf16", seed=1, log_every=10 ** 9, eval_every=0)
     args = ppo.Args(**kwargs | spec["ours_kwargs"])
-    t0 = time.perf_counter()
-    trainer = ppo.PPOTrainer(args)
-    setup_s = time.perf_counter() - t0
-    if len(trainer.train_data) != spec["num_prompts"]:
-        raise RuntimeError(f"ours kept {len(trainer.train_data)} of {spec['num_prompts']} prompts")
+    trainer, setup_s = harness.build_ours(ppo.PPOTrainer, args, spec["num_prompts"])
     trainer.sampler = harness.ListSampler(spec["ours_steps"])  # the parent's episode prompts, one list per iteration
     prompts = [[trainer.train_data[j]["prompt"][-1]["content"] for j in step] for step in spec["ours_steps"]]
     times, outs, reset_ok = harness.timed_steps(trainer, n_steps, torch)
@@ -141,7 +135,7 @@ def render(results: dict, runs: list[str], meta: dict) -> str:
             rt = results[t]
             ratio = rt["median_s"] / pooled
             per_run = ", ".join(f"{rt['median_s'] / results[k]['median_s']:.2f}" for k in mine)
-            tr = f"{max(train) / rt['train_peak_rss']:.2f}" if all(train) and rt["train_peak_rss"] else "n/a"
+            tr = harness.ratio(max(train) if all(train) else None, rt["train_peak_rss"])
             L.append(f"| {o} | {t} | {pooled:.2f} | {ratio:.2f}x [{per_run}] | {'met' if ratio >= 2 else 'NOT met'} "
                      f"| {tr} | {proc / rt['process_peak_rss']:.2f} |")
     return "\n".join(L) + "\n"
@@ -166,10 +160,7 @@ def main() -> None:
                          f"{a.batch_size}")
     runs = harness.parse_runs(a, CONFIGS, repeats=True)
     model_dir = harness.default_model(a.model)
-    from transformers import AutoTokenizer
-
     import tasks
-    from packing import encode_prompt
     work = harness.workdir(a.workdir, "bench_ppo_")
     n_steps = a.warmup_steps + a.timed_steps
     per_iter = a.batch_size // a.num_generations  # distinct prompts per TRL iteration
@@ -184,13 +175,11 @@ def main() -> None:
                       for s in range(n_steps)]
     else:
         ours_steps = [list(range(s * a.batch_size, (s + 1) * a.batch_size)) for s in range(n_steps)]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = sorted({len(encode_prompt(tok, r["prompt"])) for r in rows})
     meta = harness.machine_meta() | {
         "model": model_dir, "batch_size": a.batch_size, "num_generations": a.num_generations,
         "ours_prompts": a.ours_prompts, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
         "warmup": a.warmup_steps, "timed": a.timed_steps, "num_prompts": n_prompts,
-        "prompt_tokens": f"{lengths[0]}" + (f"-{lengths[-1]}" if lengths[-1] != lengths[0] else "")}
+        "prompt_tokens": harness.prompt_tokens(model_dir, rows)}
     print(f"work dir {work}; {n_prompts} prompt rows ({len(questions)} distinct questions), {meta['prompt_tokens']} "
           f"tokens each; load {meta['load_start']}", flush=True)
     base_spec = {"model": model_dir, "prompts": harness.write_jsonl(work / "prompts.jsonl", rows),
@@ -201,8 +190,7 @@ def main() -> None:
     raw = harness.run_all(a, __file__, runs, CONFIGS, work, meta,
                           lambda name, cfg: base_spec | {"ours_kwargs": cfg.get("ours_kwargs", {}),
                                                          "trl_kwargs": cfg.get("trl_kwargs", {})},
-                          lambda r: f"iterations {' '.join(f'{s:.2f}' for s in r['iter_s'])} s; generated tokens "
-                                    f"{r['gen_tokens']}")
+                          harness.describe_iterations)
     results = {name: harness.summarize_iterations(raw[name], a.warmup_steps, a.batch_size) for name in runs}
     harness.finish(a, work, meta, results, render(results, runs, meta))
 

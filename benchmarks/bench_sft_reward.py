@@ -15,7 +15,6 @@ standard library and harness.py, so the TRL venv needs neither tyro nor this rep
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -80,11 +79,7 @@ def worker_ours(spec: dict) -> dict:
                     total_steps=n_steps, batch_size=spec["batch_size"], max_length=spec["max_length"],
                     max_prompt_length=spec["max_length"], precision=spec["precision"],
                     learning_rate=LR[spec["task"]], warmup_steps=0, seed=1, **spec["ours_args"])
-    t0 = time.perf_counter()
-    trainer = trainer_cls(args)
-    setup_s = time.perf_counter() - t0
-    if len(trainer.train_data) != spec["num_rows"]:
-        raise RuntimeError(f"ours kept {len(trainer.train_data)} of {spec['num_rows']} rows")
+    trainer, setup_s = harness.build_ours(trainer_cls, args, spec["num_rows"])
     # the rows of each of TRL's packed steps, or the rows in file order
     trainer.sampler = (harness.ListSampler(spec["step_rows"]) if spec.get("step_rows")
                        else harness.SequentialSampler(len(trainer.train_data), spec["batch_size"]))
@@ -186,10 +181,9 @@ def summarize(res: dict, warmup: int) -> dict:
         xs = (res.get(key) or [])[warmup:]
         return sum(xs) / len(xs) if xs else None
     timed = res["step_s"][warmup:]
-    med = statistics.median(timed)
     # the steps' rows differ in length: throughput over all timed steps together, not from the median step
     tok_per_s = sum(res["tokens"][warmup:]) / sum(timed)
-    return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "tokens_mean": mean("tokens"),
+    return res | harness.timed_stats(timed) | {"tokens_mean": mean("tokens"),
                   "positions_mean": mean("positions"), "loss_tokens_mean": mean("loss_tokens"),
                   "rows_mean": mean("rows"), "tokens_per_s": tok_per_s, "s_per_token": 1 / tok_per_s}
 
@@ -218,9 +212,7 @@ def render(results: dict, order: list[str], meta: dict) -> str:
     L.append(f"- batch {meta['batch_size']} rows (SFT) / pairs (reward), 1 micro-batch per step, in file order on "
              f"both sides (ours: a sequential sampler; TRL: `train_sampling_strategy='sequential'`); learning rate "
              f"TRL's default on both sides (SFT {LR['sft']:g}, reward {LR['rm']:g}), no warm-up")
-    L.append(f"- steps: {meta['warmup']} warm-up + {meta['timed']} timed optimizer steps per configuration, each "
-             f"configuration in a fresh process, ours and TRL alternating; s/step = median of the timed steps "
-             f"[min-max]")
+    L.append(harness.steps_line(meta))
     L.append("- tokens/step = non-pad tokens of the step's sequences (SFT: prompt + completion; reward: prompt + "
              "chosen and prompt + rejected); positions = what went through the model (padding included; ours' "
              "packed row stores a prefix shared by sequences once, and reward.py adds one sentinel per sequence); "
@@ -266,17 +258,14 @@ def render(results: dict, order: list[str], meta: dict) -> str:
     L.append("| ours | TRL | same tokens/step | s/step ours/TRL | time/token ours/TRL | speed-up (tokens/s TRL->ours) "
              "| peak RSS train ours/TRL | peak RSS process ours/TRL |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for o, t in PAIRS:
-        if o not in results or t not in results or "error" in results[o] or "error" in results[t]:
-            continue
+    pairs = [(o, t) for o, t in PAIRS if harness.finished(results, o, t)]
+    for o, t in pairs:
         ro, rt = results[o], results[t]
-        tr = (f"{ro['train_peak_rss'] / rt['train_peak_rss']:.2f}"
-              if ro["train_peak_rss"] and rt["train_peak_rss"] else "n/a")
         L.append(f"| {o} | {t} | {'yes' if same_tokens(ro, rt) else 'no'} | {ro['median_s'] / rt['median_s']:.3f} | "
                  f"{ro['s_per_token'] / rt['s_per_token']:.3f} | {rt['s_per_token'] / ro['s_per_token']:.2f}x | "
-                 f"{tr} | {ro['process_peak_rss'] / rt['process_peak_rss']:.2f} |")
-    mism = [(o, t) for o, t in PAIRS if o in results and t in results and "error" not in results[o]
-            and "error" not in results[t] and not CONFIGS[t].get("pack") and not same_tokens(results[o], results[t])]
+                 f"{harness.ratio(ro['train_peak_rss'], rt['train_peak_rss'])} | "
+                 f"{ro['process_peak_rss'] / rt['process_peak_rss']:.2f} |")
+    mism = [(o, t) for o, t in pairs if not CONFIGS[t].get("pack") and not same_tokens(results[o], results[t])]
     if mism:
         L.append("\nWarning: per-step token counts differ between " + ", ".join(f"{o}/{t}" for o, t in mism) + ": "
                  + "; ".join(f"{k}: tokens {results[k]['tokens']}, loss tokens {results[k].get('loss_tokens')}"
@@ -291,12 +280,9 @@ def render(results: dict, order: list[str], meta: dict) -> str:
 
 
 def targets(results: dict) -> str:
-    def ok(name: str) -> bool:
-        return name in results and "error" not in results[name]
-
     out = []
     for o, t in PAIRS:
-        if not (ok(o) and ok(t)) or CONFIGS[o]["ours_args"]:  # the levers-off rows are not ours' claim
+        if not harness.finished(results, o, t) or CONFIGS[o]["ours_args"]:  # the levers-off rows are not ours' claim
             continue
         ro, rt = results[o], results[t]
         r = ro["s_per_token"] / rt["s_per_token"]

@@ -15,12 +15,9 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,22 +25,7 @@ import harness
 from harness import REPO
 
 SCRIPTS = ("sft", "reward", "dpo", "ppo", "grpo")
-
-
-def sh(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> tuple[int, float]:
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or os.environ.copy(),
-                                start_new_session=True)  # its own process group: a timeout ends its workers too
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = 124
-    return rc, time.perf_counter() - t
+sh = harness.run_logged  # every command of the check: logged, and ended with its children on a timeout
 
 
 def with_weights(model: Path, work: Path) -> tuple[str, bool]:

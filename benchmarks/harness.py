@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,16 @@ def timed_steps(trainer, n_steps: int, torch, before_step=None) -> tuple[list[fl
     return times, outs, reset_ok
 
 
+def build_ours(trainer_cls, args, num_rows: int):
+    """Our trainer and its setup seconds; it must hold exactly the rows (prompts) the parent wrote."""
+    t0 = time.perf_counter()
+    trainer = trainer_cls(args)
+    setup_s = time.perf_counter() - t0
+    if len(trainer.train_data) != num_rows:
+        raise RuntimeError(f"ours has {len(trainer.train_data)} training rows, the parent wrote {num_rows}")
+    return trainer, setup_s
+
+
 def on_batch(trainer, record) -> None:
     """Call record(batch) on every micro-batch our trainer makes from now on."""
     make_batch = trainer.make_batch
@@ -134,6 +145,19 @@ def loadavg() -> str:
 
 def gb(x) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
+
+
+def ratio(a, b, fmt: str = ".2f") -> str:
+    """a / b, or 'n/a' where either is missing (a peak RSS this machine cannot reset)."""
+    return f"{a / b:{fmt}}" if a and b else "n/a"
+
+
+def finished(results: dict, *names: str) -> bool:
+    return all(n in results and "error" not in results[n] for n in names)
+
+
+def timed_stats(timed: list[float]) -> dict:
+    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,9 +321,33 @@ def machine_line(meta: dict) -> str:
             f"{meta.get('trl_transformers', '?')} (TRL)")
 
 
+def steps_line(meta: dict) -> str:
+    return (f"- steps: {meta['warmup']} warm-up + {meta['timed']} timed optimizer steps per configuration, each "
+            f"configuration in a fresh process, ours and TRL alternating; s/step = median of the timed steps "
+            f"[min-max]")
+
+
 def load_line(meta: dict) -> str:
     return (f"- load average (1/5/15 min) at start: {meta['load_start']}; at end: {meta['load_end']}. Other "
             f"processes may have been running on the same cores.\n")
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float | None, env: dict | None = None) -> tuple[int, float]:
+    """Run cmd from the repo root, its output in log, in its own process group so that a timeout ends its children
+    too (torchrun's ranks, data loaders). -> (exit code, 124 on a timeout; wall seconds)."""
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or os.environ.copy(),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = 124
+    return rc, time.perf_counter() - t
 
 
 def run_worker(script: str, side: str, name: str, spec: dict, work: Path, python: str, timeout: int) -> dict:
@@ -312,19 +360,12 @@ def run_worker(script: str, side: str, name: str, spec: dict, work: Path, python
     cmd = [python, str(Path(script).resolve()), "--worker", side, "--spec", str(spec_file), "--result",
            str(result_file)]
     load_before = loadavg()
-    t = time.perf_counter()
-    with open(log_file, "w") as log:
-        try:
-            rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    res = {"name": name, "wall_s": time.perf_counter() - t, "load_before": load_before, "load_after": loadavg(),
-           "log": str(log_file)}
+    rc, wall = run_logged(cmd, log_file, timeout, env)
+    res = {"name": name, "wall_s": wall, "load_before": load_before, "load_after": loadavg(), "log": str(log_file)}
     if rc == 0 and result_file.exists():
         return res | json.loads(result_file.read_text())
-    lines = log_file.read_text(errors="replace").strip().splitlines()
-    return res | {"error": f"exit {rc}: {lines[-1] if lines else '(no output)'}"}
+    lines = log_file.read_text(errors="replace").strip().splitlines()[1:]  # after the command line
+    return res | {"error": f"{'timeout' if rc == 124 else f'exit {rc}'}: {lines[-1] if lines else '(no output)'}"}
 
 
 def run_all(a, script: str, runs: list[str], configs: dict, work: Path, meta: dict, spec_of, describe,
@@ -533,12 +574,26 @@ def worker_trl_grpo(spec: dict) -> dict:
 SPLIT_KEYS = ("generation", "scoring", "logprobs", "update")
 
 
+def prompt_tokens(model_dir: str, rows: list[dict]) -> str:
+    """The prompts' lengths in tokens after the chat template: '44', or '40-48'."""
+    repo_on_path()
+    from transformers import AutoTokenizer
+
+    from packing import encode_prompt
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lengths = sorted({len(encode_prompt(tok, r["prompt"])) for r in rows})
+    return f"{lengths[0]}" + (f"-{lengths[-1]}" if lengths[-1] != lengths[0] else "")
+
+
+def describe_iterations(r: dict) -> str:
+    return f"iterations {' '.join(f'{s:.2f}' for s in r['iter_s'])} s; generated tokens {r['gen_tokens']}"
+
+
 def summarize_iterations(res: dict, warmup: int, batch_size: int) -> dict:
     if "error" in res:
         return res
     timed, toks = res["iter_s"][warmup:], res["gen_tokens"][warmup:]
-    med = statistics.median(timed)
-    return res | {"median_s": med, "min_s": min(timed), "max_s": max(timed), "episodes_per_s": batch_size / med,
+    return res | timed_stats(timed) | {"episodes_per_s": batch_size / statistics.median(timed),
                   "gen_tokens_mean": sum(toks) / len(toks),
                   "split_median": {k: statistics.median(v[warmup:]) for k, v in res["split"].items()}}
 

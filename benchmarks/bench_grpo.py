@@ -23,8 +23,7 @@ from harness import SPLIT_KEYS, config_name, memory_report, repo_on_path
 
 TARGET_SPEEDUP = 4.0  # the target: episodes/s >= 4x TRL's, at its defaults and at its best; peak RSS <= TRL's
 
-# held equal on TRL's side beyond harness.worker_trl_grpo's settings (GRPOConfig defaults today, pinned in case they
-# move)
+# TRL's side on top of harness.worker_trl_grpo's settings: GRPOConfig's defaults today, pinned in case they move
 TRL_SHARED = {"loss_type": "dapo", "beta": 0.0}
 
 # name -> side, table label, and grpo.Args fields (ours) or GRPOConfig kwargs (TRL) on top of the shared settings

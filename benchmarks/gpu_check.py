@@ -15,35 +15,17 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_dpo import non_embedding_params
+import harness
+from harness import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("sft", "reward", "dpo", "ppo", "grpo")
-
-
-def sh(cmd: list[str], log: Path, timeout: int, env: dict | None = None) -> tuple[int, float]:
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or os.environ.copy(),
-                                start_new_session=True)  # its own process group: a timeout ends its workers too
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = 124
-    return rc, time.perf_counter() - t
+sh = harness.run_logged  # every command of the check: logged, and ended with its children on a timeout
 
 
 def with_weights(model: Path, work: Path) -> tuple[str, bool]:
@@ -57,24 +39,6 @@ def with_weights(model: Path, work: Path) -> tuple[str, bool]:
     shutil.copytree(model, out, dirs_exist_ok=True)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).save_pretrained(out)
     return str(out), True
-
-
-def cuda_peak(seconds: float = 2.0) -> float:
-    """Best bf16 TFLOP/s of a square torch.mm loop (8192 and 4096) on this device."""
-    import torch
-    best = 0.0
-    for n in (4096, 8192):
-        a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-        c = torch.mm(a, b)
-        torch.cuda.synchronize()
-        deadline = time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            for _ in range(10):
-                torch.mm(a, b, out=c)
-            torch.cuda.synchronize()
-            best = max(best, 10 * 2 * n ** 3 / (time.perf_counter() - t) / 1e12)
-    return best
 
 
 def smoke_chain(script: str, model: str, work: Path, timeout: int) -> list[dict]:
@@ -162,8 +126,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name(0) if cuda else "no GPU (CPU run)"
     model, random_weights = with_weights(Path(a.model), work)
-    n_params, n_total = non_embedding_params(model)
-    peak = cuda_peak() if cuda else float("nan")
+    n_params, n_total = harness.non_embedding_params(model)
+    # best bf16 TFLOP/s of a square torch.mm loop (4096 and 8192) on this device
+    peak = harness.matmul_peak(dtypes=("bf16",), reps=10)["bf16"] / 1e3 if cuda else float("nan")
     L = [f"# The CUDA path on {name}\n",
          f"- torch {torch.__version__}, transformers {transformers.__version__}, CUDA {torch.version.cuda}; "
          f"bf16 torch.mm peak measured in this run: {peak:.0f} TFLOP/s",

@@ -11,8 +11,8 @@ fp32 master weights, seed. Each side reports the accuracy (chosen scored above r
 and after training with its own evaluation: ours `eval/accuracy` from metrics.jsonl, TRL `eval_accuracy` from
 `trainer.evaluate()`. The sides shuffle the rows with their own samplers, so their orders differ.
 
-Results go to benchmarks/results_hh_reward.md. The TRL worker runs in the TRL venv (benchmarks/requirements-trl.txt)
-and imports nothing from this repo.
+Results go to benchmarks/results_hh_reward.md. The TRL worker is this file run in the TRL venv
+(benchmarks/requirements-trl.txt, `--worker trl --spec FILE`); it imports nothing from this repo but harness.py.
 """
 from __future__ import annotations
 
@@ -20,45 +20,41 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_dpo import loadavg
-from bench_sft_reward import select_pairs
+import harness
+from harness import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
-TRL_WORKER = r"""
-import json, os, sys, time
-os.environ.setdefault("TQDM_DISABLE", "1")
-import datasets, torch, transformers, trl
-from transformers import AutoTokenizer
-datasets.disable_progress_bars()
-spec = json.loads(open(sys.argv[1]).read())
-load = lambda p: datasets.Dataset.from_list([json.loads(l) for l in open(p) if l.strip()])
-train, heldout = load(spec["train"]), load(spec["heldout"])
-config = trl.RewardConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"],
-                          per_device_eval_batch_size=spec["batch_size"], max_steps=spec["steps"],
-                          learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
-                          max_length=spec["max_length"], bf16=True, seed=spec["seed"], report_to="none",
-                          save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
-                          use_cpu=not torch.cuda.is_available())
-tok = AutoTokenizer.from_pretrained(spec["model"])
-trainer = trl.RewardTrainer(model=spec["model"], args=config, train_dataset=train, eval_dataset=heldout,
-                            processing_class=tok)
-if len(trainer.train_dataset) != len(train) or len(trainer.eval_dataset) != len(heldout):
-    raise SystemExit(f"TRL dropped rows: {len(trainer.train_dataset)}/{len(train)}, "
-                     f"{len(trainer.eval_dataset)}/{len(heldout)}")
-before = trainer.evaluate()
-t = time.perf_counter()
-trainer.train()
-train_s = time.perf_counter() - t
-after = trainer.evaluate()
-json.dump({"before": before["eval_accuracy"], "after": after["eval_accuracy"], "eval_loss": after["eval_loss"],
-           "train_s": train_s, "trl": trl.__version__, "transformers": transformers.__version__,
-           "gradient_checkpointing": config.gradient_checkpointing}, open(spec["result"], "w"))
-"""
+def worker_trl(spec: dict) -> dict:
+    torch = harness.trl_setup()
+    import datasets
+    import transformers
+    import trl
+    from transformers import AutoTokenizer
+
+    load = lambda p: datasets.Dataset.from_list(harness.read_jsonl(p))
+    train, heldout = load(spec["train"]), load(spec["heldout"])
+    config = trl.RewardConfig(output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"],
+                              per_device_eval_batch_size=spec["batch_size"], max_steps=spec["steps"],
+                              learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
+                              max_length=spec["max_length"], bf16=True, seed=spec["seed"], report_to="none",
+                              save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
+                              use_cpu=not torch.cuda.is_available())
+    trainer = trl.RewardTrainer(model=spec["model"], args=config, train_dataset=train, eval_dataset=heldout,
+                                processing_class=AutoTokenizer.from_pretrained(spec["model"]))
+    if len(trainer.train_dataset) != len(train) or len(trainer.eval_dataset) != len(heldout):
+        raise SystemExit(f"TRL dropped rows: {len(trainer.train_dataset)}/{len(train)}, "
+                         f"{len(trainer.eval_dataset)}/{len(heldout)}")
+    before = trainer.evaluate()
+    t = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t
+    after = trainer.evaluate()
+    return {"before": before["eval_accuracy"], "after": after["eval_accuracy"], "eval_loss": after["eval_loss"],
+            "train_s": train_s, "trl": trl.__version__, "transformers": transformers.__version__,
+            "gradient_checkpointing": config.gradient_checkpointing}
 
 
 def run_ours(a, work: Path, steps: int) -> dict:
@@ -81,14 +77,11 @@ def run_ours(a, work: Path, steps: int) -> dict:
 def run_trl(a, work: Path, steps: int) -> dict:
     spec = {"model": a.model, "train": str(work / "train.jsonl"), "heldout": str(work / "heldout.jsonl"),
             "batch_size": a.batch_size, "steps": steps, "lr": a.learning_rate, "max_length": a.max_length,
-            "seed": a.seed, "output_dir": str(work / "trl"), "result": str(work / "trl.json")}
-    (work / "trl_spec.json").write_text(json.dumps(spec))
-    (work / "trl_worker.py").write_text(TRL_WORKER)
-    t = time.perf_counter()
-    with open(work / "trl.log", "w") as log:
-        subprocess.run([a.trl_python, str(work / "trl_worker.py"), str(work / "trl_spec.json")], stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
-    return json.loads((work / "trl.json").read_text()) | {"wall_s": time.perf_counter() - t}
+            "seed": a.seed}
+    r = harness.run_worker(__file__, "trl", "trl", spec, work, a.trl_python, None)
+    if "error" in r:
+        raise SystemExit(f"TRL worker failed ({r['error']}); log: {r['log']}")
+    return r
 
 
 def main() -> None:
@@ -106,22 +99,24 @@ def main() -> None:
     p.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results_hh_reward.md"))
     p.add_argument("--workdir", default=None)
+    p.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
-    sys.path.insert(0, str(REPO))
-    from common import bundled_model_dir
-    a.model = a.model or str(bundled_model_dir())
-    data = Path(a.data) if Path(a.data).is_absolute() else (REPO / a.data).resolve()
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="hh_reward_"))
-    work.mkdir(parents=True, exist_ok=True)
-    rows, skipped = select_pairs(data, a.model, a.train_pairs + a.heldout, a.max_length)
-    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:a.train_pairs]))
-    (work / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[a.train_pairs:]))
+    if harness.run_as_worker(a, None, worker_trl):
+        return
+    a.model = harness.default_model(a.model)
+    work = harness.workdir(a.workdir, "hh_reward_")
+    rows, skipped = harness.select_rows(harness.data_path(a.data), a.model, a.train_pairs + a.heldout, a.max_length,
+                                        pairs_fit=True)
+    harness.write_jsonl(work / "train.jsonl", rows[:a.train_pairs])
+    harness.write_jsonl(work / "heldout.jsonl", rows[a.train_pairs:])
     steps = a.train_pairs // a.batch_size
     print(f"work dir {work}; {a.train_pairs} train + {a.heldout} held-out pairs ({skipped} longer skipped); "
           f"{steps} steps", flush=True)
     res = {}
     for side in a.sides.split(","):
-        load = loadavg()
+        load = harness.loadavg()
         res[side] = (run_ours if side == "ours" else run_trl)(a, work, steps) | {"load": load}
         print(side, res[side], flush=True)
     (work / "results.json").write_text(json.dumps(res, indent=1))

@@ -4,7 +4,7 @@
     python benchmarks/matmul_ceiling.py --tokens 2048 --repeats 7
     python benchmarks/matmul_ceiling.py --attention          # also: sdpa forward + backward, fp32 vs bf16
 
-HFU divides the formula's FLOPs (6 N T) by the step time and by the peak of a square `torch.mm` loop (bench_dpo's
+HFU divides the formula's FLOPs (6 N T) by the step time and by the peak of a square `torch.mm` loop (harness's
 `matmul_peak`: the best of 1024^2 and 2048^2). A step's matmuls are not square: every Linear of the model is a
 [T, in] x [in, out] product in the forward, and two more in the backward (input gradient [T, out] x [out, in], weight
 gradient [out, T] x [T, in]). This times exactly those products in bf16 (fp32 too with --fp32), as autocast runs them,
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
 
 
 def linear_shapes(config: dict) -> dict[str, tuple[int, int, int]]:
@@ -80,13 +78,9 @@ def main() -> None:
     p.add_argument("--attention", action="store_true", help="also sdpa forward + backward, fp32 vs bf16")
     a = p.parse_args()
     import torch
-    from bench_dpo import matmul_peak
-    if a.model is None:
-        from common import bundled_model_dir
-        a.model = str(bundled_model_dir())
-    config = json.loads((Path(a.model) / "config.json").read_text())
-    shapes = linear_shapes(config)
-    peaks = matmul_peak()
+    a.model = harness.default_model(a.model)
+    shapes = linear_shapes(json.loads((Path(a.model) / "config.json").read_text()))
+    peaks = harness.matmul_peak()
     print(f"square torch.mm peak: bf16 {peaks['bf16']:.0f}, fp32 {peaks['fp32']:.0f} GFLOP/s; T = {a.tokens} tokens")
     T = a.tokens
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))[: 2 if a.fp32 else 1]:

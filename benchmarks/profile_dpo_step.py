@@ -10,16 +10,13 @@ sdpa kernels) vs the rest, and the step's HFU against the peak measured here.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+from harness import REPO
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
           "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear", "aten::matmul")
@@ -34,7 +31,8 @@ def group(name: str) -> str:
         return "dtype casts and copies"
     if "adamw" in name.lower() or "_fused_adam" in name:
         return "optimizer (fused AdamW)"
-    if name.startswith("_LabelLogProb") or name in ("aten::logsumexp", "aten::exp", "aten::gather", "aten::scatter_add_"):
+    if name.startswith("_LabelLogProb") or name in ("aten::logsumexp", "aten::exp", "aten::gather",
+                                                     "aten::scatter_add_"):
         return "log-prob (logsumexp/exp/gather)"
     if name in ("aten::mul", "aten::add", "aten::add_", "aten::mul_", "aten::silu", "aten::silu_backward", "aten::neg",
                 "aten::cat", "aten::pow", "aten::rsqrt", "aten::mean", "aten::sum", "aten::div", "aten::sub",
@@ -64,33 +62,20 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(a.cudnn_sdp == "on")
 
+    model_dir = harness.default_model(a.model)
     import dpo
-    from bench_dpo import matmul_peak, select_rows
-    from common import bundled_model_dir
-
-    model_dir = a.model or str(bundled_model_dir())
     n = a.batch_size * (a.warmup_steps + a.steps)
-    rows, _ = select_rows(Path(a.data), model_dir, n + 1, a.max_length)
+    rows, _ = harness.select_rows(Path(a.data), model_dir, n + 1, a.max_length)
     work = Path(tempfile.mkdtemp(prefix="profile_dpo_"))
-    (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
-    (work / "eval.jsonl").write_text(json.dumps(rows[n]) + "\n")
-    args = dpo.Args(model=model_dir, dataset=str(work / "rows.jsonl"), eval_dataset=str(work / "eval.jsonl"),
+    args = dpo.Args(model=model_dir, dataset=harness.write_jsonl(work / "rows.jsonl", rows[:n]),
+                    eval_dataset=harness.write_jsonl(work / "eval.jsonl", rows[n:]),
                     output_dir=str(work / "out"), total_steps=a.warmup_steps + a.steps, batch_size=a.batch_size,
                     max_length=a.max_length, max_prompt_length=a.max_length, precision=a.precision,
                     learning_rate=1e-6, warmup_steps=0, precompute_ref_logps=not a.no_precompute)
     trainer = dpo.DPOTrainer(args)
-
-    class Sequential:  # the rows in file order, as bench_dpo
-        consumed = 0
-
-        def next_indices(self):
-            idx = [(self.consumed + i) % len(trainer.train_data) for i in range(a.batch_size)]
-            self.consumed += a.batch_size
-            return idx
-    trainer.sampler = Sequential()
+    trainer.sampler = harness.SequentialSampler(len(trainer.train_data), a.batch_size)  # file order, as bench_dpo
     computed = []
-    make = trainer.make_batch
-    trainer.make_batch = lambda exs: (lambda b: computed.append(b["input_ids"].numel()) or b)(make(exs))
+    harness.on_batch(trainer, lambda b: computed.append(b["input_ids"].numel()))
     for _ in range(a.warmup_steps):
         trainer.training_step()
     computed.clear()
@@ -101,7 +86,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / a.steps
-    peaks = matmul_peak()
+    peaks = harness.matmul_peak()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     groups = defaultdict(float)
@@ -110,16 +95,16 @@ def main() -> None:
     n_params = sum(p.numel() for n_, p in trainer.model.named_parameters() if "embed_tokens" not in n_)
     coef = 6 + 2 * a.no_precompute
     hfu = coef * n_params * (sum(computed) / a.steps) / step_s / (peaks[a.precision] * 1e9)
-    print(f"\n{a.precision} DPO step: {step_s:.3f} s (profiled, {a.steps} steps), {sum(computed) / a.steps:.0f} computed "
-          f"tokens/step, matmul peak {peaks[a.precision]:.0f} GFLOP/s -> HFU {100 * hfu:.1f}% "
+    print(f"\n{a.precision} DPO step: {step_s:.3f} s (profiled, {a.steps} steps), {sum(computed) / a.steps:.0f} "
+          f"computed tokens/step, matmul peak {peaks[a.precision]:.0f} GFLOP/s -> HFU {100 * hfu:.1f}% "
           f"(profiler overhead included)")
     print("\n| group | share of self CPU time |\n| --- | --- |")
     for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {g} | {100 * t / total:.1f}% |")
     print("\n| operator | self CPU ms/step | share | calls/step |\n| --- | --- | --- | --- |")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:a.top]:
-        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / a.steps:.1f} | {100 * e.self_cpu_time_total / total:.1f}% | "
-              f"{e.count // a.steps} |")
+        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / a.steps:.1f} | "
+              f"{100 * e.self_cpu_time_total / total:.1f}% | {e.count // a.steps} |")
     if cuda:  # where the GPU's own time goes
         dev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         dev_total = sum(e.self_device_time_total for e in dev)

@@ -7,6 +7,7 @@ write removes the .tmp and stops the run with one line; older checkpoints stay. 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,7 +22,109 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from common import agree_on_error, barrier, first_error, is_main, os_error, print0, write_failure
+from common import (UserError, agree_on_error, barrier, first_error, is_main, merged_lora_copy, os_error, print0,
+                    write_failure)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What BaseTrainer calls: save, resume (with the fallback to an older checkpoint), export
+
+
+def trainer_state(trainer) -> dict:
+    """Model and optimizer state for DCP: only what trains (a frozen LoRA base is the model on disk already;
+    tied weights are in named_parameters once)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer,
+                                        options=StateDictOptions(ignore_frozen_params=True))
+    if trainer.args.lora_r:
+        trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save(trainer) -> None:
+    state = {"global_step": trainer.global_step, "consumed_rows": trainer.sampler.consumed,
+             "world_size": trainer.dist.world_size, "wandb_id": trainer.wandb_id,
+             "skipped_steps": trainer.skipped_steps, "args": dataclasses.asdict(trainer.args)}
+    write_checkpoint(trainer.output_dir, trainer.global_step, trainer_state(trainer), trainer.scheduler.state_dict(),
+                     state, trainer.args.keep_checkpoints)
+
+
+def resume(trainer) -> None:
+    """The newest complete checkpoint that passes its manifest and loads; a damaged one is named and the
+    previous one tried."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    for ckpt in reversed(complete_checkpoints(trainer.output_dir)):
+        loaded = read_checkpoint(ckpt, trainer_state(trainer), trainer.dist.rank)
+        if loaded is None:
+            continue
+        dcp_state, scheduler, state, rng = loaded
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=dcp_state["model"],
+                       optim_state_dict=dcp_state["optimizer"], options=StateDictOptions(strict=False))
+        trainer.scheduler.load_state_dict(scheduler)
+        trainer.global_step, trainer.sampler.consumed = state["global_step"], state["consumed_rows"]
+        trainer.wandb_id, trainer.skipped_steps = state.get("wandb_id"), state.get("skipped_steps", 0)
+        if rng is not None:  # absent when resuming on more ranks than saved: those keep the fresh seed
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+        _rollback_metrics(trainer, trainer.global_step)
+        print0(f"resumed from {ckpt} at step {trainer.global_step} (row {trainer.sampler.consumed} of the data order)")
+        return
+    if complete_checkpoints(trainer.output_dir):
+        raise UserError(f"--resume: no intact checkpoint in {trainer.output_dir}/checkpoints (see above); move them "
+                        f"away to start fresh")
+    print0(f"--resume: no complete checkpoint in {trainer.output_dir}/checkpoints, starting fresh")
+    _rollback_metrics(trainer, 0)
+
+
+def _rollback_metrics(trainer, step: int) -> None:
+    error = ""
+    try:
+        rollback_metrics(trainer.output_dir, step)
+    except UserError as e:  # rank 0's disk: every rank stops with it
+        error = str(e)
+    agree_on_error(error)
+
+
+def export(trainer) -> None:
+    """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
+    under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). The full state
+    dict is gathered once (a collective under FSDP) and written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error, final = "", trainer.output_dir / "final"
+    tmp = final.with_name("final.tmp")  # renamed when complete: final/ is whole or absent, like a checkpoint
+    if trainer.dist.is_main:
+        hf = trainer.hf_model()
+        prefix = next(n for n, m in trainer.model.named_modules() if m is hf)
+        prefix = prefix + "." if prefix else ""
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-export
+            if hasattr(hf, "peft_config"):
+                hf.save_pretrained(tmp / "adapter", state_dict=state)
+                hf, state = merged_lora_copy(hf, state), None
+            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            trainer.tokenizer.save_pretrained(tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as h:
+                        os.fsync(h.fileno())
+            old = final.with_name(f"final.old{os.getpid()}")
+            if final.exists():  # exported before (a resumed run that ran on): swap, then drop the old one
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            trainer.write(f"exported {final}")
+        except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
+            error = write_failure("export failed:", tmp, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+    agree_on_error(error)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The format
 
 
 def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_state: dict, state: dict,

@@ -492,98 +492,22 @@ class BaseTrainer(ABC):
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
 
-    # --- checkpoints and export (the format: checkpoint.py) ---------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        """Model and optimizer state for DCP: only what trains (a frozen LoRA base is the model on disk already;
-        tied weights are in named_parameters once)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(ignore_frozen_params=True))
-        if self.args.lora_r:
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
-        return {"model": model_sd, "optimizer": optim_sd}
-
+    # --- checkpoints and export: the on-disk format, its fallback and the atomic export are checkpoint.py's ---------
     def save_checkpoint(self) -> None:
         import checkpoint
-        state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
-                 "world_size": self.dist.world_size, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps,
-                 "args": dataclasses.asdict(self.args)}
-        checkpoint.write_checkpoint(self.output_dir, self.global_step, self.checkpoint_state(),
-                                    self.scheduler.state_dict(), state, self.args.keep_checkpoints)
+        checkpoint.save(self)
 
     def load_checkpoint(self) -> None:
         """The newest complete checkpoint that passes its manifest and loads; a damaged one is named and the
         previous one tried."""
         import checkpoint
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        for ckpt in reversed(checkpoint.complete_checkpoints(self.output_dir)):
-            loaded = checkpoint.read_checkpoint(ckpt, self.checkpoint_state(), self.dist.rank)
-            if loaded is None:
-                continue
-            dcp_state, scheduler, state, rng = loaded
-            set_state_dict(self.model, self.optimizer, model_state_dict=dcp_state["model"],
-                           optim_state_dict=dcp_state["optimizer"], options=StateDictOptions(strict=False))
-            self.scheduler.load_state_dict(scheduler)
-            self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
-            self.wandb_id, self.skipped_steps = state.get("wandb_id"), state.get("skipped_steps", 0)
-            if rng is not None:  # absent when resuming on more ranks than saved: those keep the fresh seed
-                torch.set_rng_state(rng["torch"])
-                random.setstate(rng["python"])
-                if "cuda" in rng and torch.cuda.is_available():
-                    torch.cuda.set_rng_state(rng["cuda"], self.device)
-            self._rollback_metrics(self.global_step)
-            print0(f"resumed from {ckpt} at step {self.global_step} (row {self.sampler.consumed} of the data order)")
-            return
-        if checkpoint.complete_checkpoints(self.output_dir):
-            raise UserError(f"--resume: no intact checkpoint in {self.output_dir}/checkpoints (see above); move them "
-                            f"away to start fresh")
-        print0(f"--resume: no complete checkpoint in {self.output_dir}/checkpoints, starting fresh")
-        self._rollback_metrics(0)
-
-    def _rollback_metrics(self, step: int) -> None:
-        import checkpoint
-        error = ""
-        try:
-            checkpoint.rollback_metrics(self.output_dir, step)
-        except UserError as e:  # rank 0's disk: every rank stops with it
-            error = str(e)
-        agree_on_error(error)
+        checkpoint.resume(self)
 
     def export(self) -> None:
         """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
-        under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). The full state
-        dict is gathered once (a collective under FSDP) and written by rank 0."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        error, final = "", self.output_dir / "final"
-        tmp = final.with_name("final.tmp")  # renamed when complete: final/ is whole or absent, like a checkpoint
-        if self.dist.is_main:
-            hf = self.hf_model()
-            prefix = next(n for n, m in self.model.named_modules() if m is hf)
-            prefix = prefix + "." if prefix else ""
-            state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-export
-                if hasattr(hf, "peft_config"):
-                    hf.save_pretrained(tmp / "adapter", state_dict=state)
-                    hf, state = merged_lora_copy(hf, state), None
-                hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as h:
-                            os.fsync(h.fileno())
-                old = final.with_name(f"final.old{os.getpid()}")
-                if final.exists():  # exported before (a resumed run that ran on): swap, then drop the old one
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-                self.write(f"exported {final}")
-            except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
-                error = write_failure("export failed:", tmp, e)
-                shutil.rmtree(tmp, ignore_errors=True)
-        agree_on_error(error)
+        under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained)."""
+        import checkpoint
+        checkpoint.export(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -352,7 +352,8 @@ class PPOTrainer(BaseTrainer):
         self.model.policy.eval()  # N+ detail: no dropout while sampling
         with self.autocast():
             out = generate(self.model.policy, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
-                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp)
+                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
+                           gather=a.gather_for_generation)
         return prompts, *out
 
     def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:

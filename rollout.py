@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from common import UserError, agree_on_error, base_of, check_text, print0, supports_logits_to_keep
+from common import UserError, agree_on_error, base_of, check_text, fsdp_generation, print0, supports_logits_to_keep
 from packing import encode_prompt
 
 
@@ -39,12 +39,19 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1):
+             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1,
+             gather: bool = False):
     """Sample from exactly softmax(logits / temperature) (nucleus top_p if < 1), or greedy with temperature 0.
     Every other logits processor a model's generation_config may carry (repetition_penalty, min_p, top_k, ...) is
     off: the policy-gradient log-probs assume this distribution. num_samples > 1: each prompt is sampled that many
     times (rows in groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's
-    num_return_sequences would prefill every copy). -> truncate_after_eos(responses)."""
+    num_return_sequences would prefill every copy). Under FSDP one unit is gathered at a time, or the whole model
+    once with gather=True (common.fsdp_generation). -> truncate_after_eos(responses)."""
+    with fsdp_generation(model, gather):
+        return _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples)
+
+
+def _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples):
     from transformers import GenerationConfig
     kw = {}
     if num_samples > 1:

@@ -1106,10 +1106,11 @@ def frozen_copy(model: nn.Module, precision: str, fsdp: bool) -> nn.Module:
 def memory_plan(num_params: int, trainable: int, world_size: int, strategy: str, precision: str,
                 has_reference: bool, embedding_params: int = 0, largest_unit: int = 0) -> dict[str, float]:
     """Bytes of model state per rank (activations not counted): fp32 parameters; fp32 gradients and AdamW's two fp32
-    moments of the trainable ones (DDP: twice the gradients, its buckets); a frozen reference copy (under bf16 without FSDP its Linear weights are bf16,
-    frozen_copy; `embedding_params`: the fp32 rest); FSDP divides all of it by the world size and adds the largest
-    unit (a decoder layer, or the root's embeddings and head) gathered whole: the all-gather's buffer and the
-    parameters copied out of it, in backward the parameters, their gradient and the reduce-scatter's buffer.
+    moments of the trainable ones (DDP: twice the gradients, its buckets); a frozen reference copy (under bf16
+    without FSDP its Linear weights are bf16, frozen_copy; `embedding_params`: the fp32 rest). FSDP divides all of
+    it by the world size and adds the largest unit (a decoder layer, or the root's embeddings and head) gathered
+    whole: the all-gather's buffer and the parameters copied out of it, in backward the parameters, their gradient
+    and the reduce-scatter's buffer.
     -> {parameters, gradients, adamw, reference, gathered, per_rank, all_ranks}."""
     shards = world_size if strategy == "fsdp" else 1
     buckets = 2 if strategy == "ddp" and world_size > 1 else 1  # DDP all-reduces through a copy of the gradients

@@ -79,7 +79,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise UserError(f"--padding-free: this model's attention uses {unsupported}, which packed attention does not "
                         f"implement; run with --no-padding-free")
     _segment_calls += 1
-    if query.is_cuda and dropout == 0.0:  # one fused kernel per layer; CPU keeps the sdpa calls below (no flex backward)
+    if query.is_cuda and dropout == 0.0:  # one fused kernel per layer; CPU: the sdpa calls below (flex has no CPU
+        # backward)
         return flex_segment_attention(query, key, value, attn_segments, scaling).transpose(1, 2).contiguous(), None
     n_rep, sizes = query.shape[1] // key.shape[1], [q1 - q0 for q0, q1, _ in attn_segments]
     # CPU under bf16 autocast: the fp32 flash kernel's backward is faster than the bf16 one there, and attention is a

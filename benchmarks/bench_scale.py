@@ -105,11 +105,11 @@ def main() -> None:
                 port += 1
                 results[script, steps, nproc] = run(script, nproc, steps, model, rows, tmp, port)
                 print(script, steps, nproc, [f"{x / 1e9:.2f}" for x in results[script, steps, nproc]], flush=True)
-    lines = [f"# Peak host memory per rank under FSDP (benchmarks/bench_scale.py)\n",
+    lines = ["# Peak host memory per rank under FSDP (benchmarks/bench_scale.py)\n",
              f"- model: random Llama, hidden {a.hidden}, {a.layers} layers, {n_params / 1e6:.0f}M parameters "
              f"({4 * n_params / 1e9:.2f} GB fp32), SmolLM2's tokenizer, tied embeddings",
-             f"- flags: --precision fp32 --batch-size 1 --max-length 64 --eval-size 4; eval-only = --total-steps 0, "
-             f"train = --total-steps 2 (then the export); FSDP = torchrun --nproc_per_node N ... --strategy fsdp",
+             "- flags: --precision fp32 --batch-size 1 --max-length 64 --eval-size 4; eval-only = --total-steps 0, "
+             "train = --total-steps 2 (then the export); FSDP = torchrun --nproc_per_node N ... --strategy fsdp",
              f"- peak RSS = each process's VmHWM at exit; `max rank` = the largest rank's, `sum` = over all ranks; "
              f"x = against one process. CPU, gloo; {os.cpu_count()} cores; {time.time() - start:.0f} s in all\n",
              "| script | run | processes | max rank GB | x one process | sum GB | x one process |",

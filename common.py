@@ -1055,19 +1055,18 @@ def add_lora(model: nn.Module, args: TrainArgs, task_type: str = "CAUSAL_LM") ->
 @contextlib.contextmanager
 def _adapters_stay_real():
     """peft moves new adapters to their base layer's device: on a meta base (FSDP loading) that would discard their
-    seeded initial values (the same draws as on one process, since building the meta base draws none)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    move = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    seeded initial values (the same draws as on one process, since building the meta base draws none). While it
+    wraps one, a module is never moved to the meta device."""
+    to = nn.Module.to
 
-    def move_unless_meta(self, adapter_name, device=None):
-        if device is None and getattr(self.get_base_layer(), "weight", torch.empty(0)).is_meta:
-            return None
-        return move(self, adapter_name, device)
-    BaseTunerLayer._move_adapter_to_device_of_base_layer = move_unless_meta
+    def to_unless_meta(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        return self if device is not None and device.type == "meta" else to(self, *args, **kwargs)
+    nn.Module.to = to_unless_meta
     try:
         yield
     finally:
-        BaseTunerLayer._move_adapter_to_device_of_base_layer = move
+        nn.Module.to = to
 
 
 def base_of(model: nn.Module) -> nn.Module:

@@ -14,7 +14,8 @@ completion tokens. The fast path changes only how much work that takes:
   prompt's completions) share one sdpa call per layer, each masked to its own branch. Anything the
   model's attention does that it does not implement (sliding windows shorter than a sequence, softcapping, sinks,
   recurrent layers) is refused with a pointer to `--no-padding-free`, never ignored. Forwards without segments
-  (generation) fall through to plain sdpa.
+  (generation) fall through to plain sdpa. On CUDA the whole row is ONE compiled FlexAttention call per layer
+  (`flex_segment_attention`, a block mask from the same segments: blocks no query sees are skipped).
 - `kept_logits`: the LM head runs only on positions that predict a completion token (transformers' boolean
   `logits_to_keep`): a [tokens x vocab] matrix is the largest activation of a small model.
 - `label_logps`: `logit[label] - logsumexp(logits)` in row chunks with a hand-written backward (softmax - onehot), so

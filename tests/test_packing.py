@@ -224,6 +224,7 @@ def _random_tries(rng: random.Random, n: int):
         yield tensors["input_ids"].shape[1], segments
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_mask_equals_segment_attention():
     """The CUDA path (one FlexAttention call per layer, block mask from the trie's segments) against today's CPU
     path (segment_attention's sdpa calls) on random tries, with grouped-query heads: FlexAttention's eager forward

@@ -169,7 +169,9 @@ class BaseTrainer(ABC):
         self.args = args
         self.dist = setup_distributed()
         self.device = self.dist.device
-        if self.device.type == "cpu" and self.fixed_shapes:
+        if self.device.type == "cpu" and self.fsdp:
+            release_freed_memory()
+        elif self.device.type == "cpu" and self.fixed_shapes:
             keep_freed_memory()
         seed_everything(args.seed)
         self.output_dir = resolve_output_dir(args, self.script_name)
@@ -178,15 +180,20 @@ class BaseTrainer(ABC):
         self.end_of_turn = end_of_turn_ids(self.tokenizer, self.tokenizer.name_or_path)
         print0(f"end of turn: {self.tokenizer.convert_ids_to_tokens(self.end_of_turn)}")
         self.ref_model = None
-        self.model = self.build_model().to(self.device)
+        self.model = self.build_model()  # FSDP: on the meta device, filled shard by shard below
+        if not self.fsdp:
+            self.model.to(self.device)
         if args.gradient_checkpointing:
             self.hf_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP or FSDP2 in place, before the optimizer: FSDP2 swaps parameters for DTensors
         self.wrapped = self.shard(self.model) if self.fsdp else wrap_ddp(self.model, self.dist)
         if self.ref_model is not None:  # FSDP: sharded like the policy, never given gradients
-            self.ref_model = self.shard(self.ref_model.to(self.device))
+            self.ref_model = self.shard(self.ref_model) if self.fsdp else self.ref_model.to(self.device)
+        if self.fsdp:
+            fill_meta_shards([m for m in (self.model, self.ref_model) if m is not None], self.device)
         if self.dist.world_size == 1 and not self.fsdp:
             sparse_tied_embeddings(self.model)
+        self.memory_plan = print_memory_plan(self.model, self.ref_model, self.dist, args.strategy, args.precision)
         self.setup_data()
         self.sampler = ShardedSampler(len(self.train_data), args.batch_size, self.dist.rank, self.dist.world_size,
                                       args.seed)
@@ -210,8 +217,9 @@ class BaseTrainer(ABC):
 
     # --- what varies ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        """The model to train (call `self.init_reference(model)` here if the algorithm has a reference policy)."""
-        return load_model(self.args.model, self.args.trust_remote_code, self.dist.local_rank)
+        """The model to train (call `self.init_reference(model)` here if the algorithm has a reference policy).
+        Under FSDP its parameters are on the meta device: each rank reads its shards after `shard`."""
+        return load_model(self.args.model, self.args.trust_remote_code, self.dist.local_rank, meta=self.fsdp)
 
     @abstractmethod
     def setup_data(self) -> None:
@@ -580,6 +588,10 @@ class TrainArgs:
     """continue from the newest intact checkpoint in --output-dir (start fresh, and say so, if there is none)"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
+    gather_for_generation: bool = False
+    """FSDP: gather the whole model once for each generation (faster decoding, a whole model's memory per rank);
+    default: one unit (a decoder layer, or the embeddings and head) at a time, so generation fits wherever training
+    does"""
     track: bool = False
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project: str = "cleanrl-rlhf"
@@ -1087,14 +1099,20 @@ def _template_turn_end(tok, template: str | None) -> int | None:
 
 
 def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, auto_class=None,
-               flag: str = "--model", **kw) -> nn.Module:
+               flag: str = "--model", meta: bool = False, **kw) -> nn.Module:
     """fp32 master weights always; bf16 is applied by autocast so the optimizer never sees rounded weights.
-    Dropout is switched off: it makes policy and reference disagree at step 0 and adds noise to log-prob ratios."""
+    Dropout is switched off: it makes policy and reference disagree at step 0 and adds noise to log-prob ratios.
+    meta=True (FSDP): the architecture only, its parameters on the meta device (no memory; buffers such as rotary
+    frequencies real), each module remembering its parameters' checkpoint keys: after sharding, `fill_meta_shards`
+    reads each rank's rows of them from the files, so no rank ever holds the whole model."""
     from transformers import AutoModelForCausalLM
     path = resolve_model_path(name, local_rank, flag)
+    auto_class = auto_class or AutoModelForCausalLM
     try:
-        model = (auto_class or AutoModelForCausalLM).from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kw)
+        if meta:
+            model = _meta_model(auto_class, path, trust_remote_code, **kw)
+        else:
+            model = auto_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kw)
     except Exception as e:  # noqa: BLE001 - truncated weights raise safetensors' own error type
         raise UserError(f"{flag} {name}: could not load ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -1108,6 +1126,94 @@ def load_model(name: str, trust_remote_code: bool = False, local_rank: int = 0, 
     return model
 
 
+def _meta_model(auto_class, path: str, trust_remote_code: bool, **kw) -> nn.Module:
+    """What from_pretrained builds, with meta parameters; `_checkpoint` on each module: (path, {name: key})."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+    with init_empty_weights(include_buffers=False):  # consumes no RNG, as from_pretrained
+        model = auto_class.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # each parameter made above is a new meta tensor, a tied one too: tie them again
+    with contextlib.suppress(OSError):  # from_pretrained reads it too, and export writes it back
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    source = (path, auto_class, trust_remote_code)  # also what the fallback of fill_meta_shards loads
+    for prefix, module in model.named_modules():
+        module._checkpoint = (source, {n: f"{prefix}.{n}" if prefix else n
+                                       for n, _ in module.named_parameters(recurse=False, remove_duplicate=False)})
+    return model.eval()  # as from_pretrained returns it
+
+
+def _safetensors_index(path: str) -> dict[str, str]:
+    """checkpoint key -> its safetensors file, for a model directory or hub id; {} without safetensors files."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+    quiet = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+    index = cached_file(path, "model.safetensors.index.json", **quiet)
+    if index:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = {f: cached_file(path, f, **quiet) for f in set(weight_map.values())}
+        return {k: files[f] for k, f in weight_map.items() if files[f]}
+    single = cached_file(path, "model.safetensors", **quiet)
+    if not single:
+        return {}
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def fill_meta_shards(models: list[nn.Module], device: torch.device) -> None:
+    """Give every meta parameter of FSDP-sharded models (load_model(meta=True), deep copies included) its values:
+    each rank reads only its own rows of each tensor from the checkpoint's safetensors files, one tensor at a time.
+    Parameters that are already real (LoRA adapters, new heads: seeded as on one process) keep theirs. A checkpoint
+    without safetensors, or whose keys transformers renames on load, is loaded whole by each rank once instead."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    holders: dict[int, list] = {}  # a parameter -> (module, name, key, source) of every module holding it (tied)
+    for model in models:
+        for module in model.modules():
+            source, keys = getattr(module, "_checkpoint", (None, {}))
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    holders.setdefault(id(p), []).append((module, name, keys.get(name), source))
+    indexes: dict[tuple, dict] = {}
+    for found in holders.values():
+        for _, _, _, source in found:
+            if source is not None and source not in indexes:
+                indexes[source] = _safetensors_index(source[0])
+    whole: dict[tuple, dict] = {}  # the fallback: source -> full state dict, loaded once
+    for found in holders.values():
+        module, name = found[0][:2]
+        p = module._parameters[name]
+        key, source = next(((k, s) for _, _, k, s in found if k in indexes.get(s, {})), found[0][2:])
+        if source is None:
+            raise RuntimeError(f"{type(module).__name__}.{name}: a meta parameter that is in no checkpoint")
+        path = source[0]
+        local_shape = p.to_local().shape if isinstance(p, DTensor) else p.shape
+        # FSDP2 shards dim 0 as torch.chunk does: rank r holds rows [r * ceil(n / W), ...)
+        rows = -(-p.shape[0] // dist.get_world_size()) if isinstance(p, DTensor) and p.dim() else 0
+        start = min(dist.get_rank() * rows, p.shape[0]) if rows else 0
+        if key in indexes[source]:
+            with safe_open(indexes[source][key], "pt") as f:  # opened per tensor: mapped pages are let go at once
+                value = f.get_slice(key)[start:start + local_shape[0]] if rows else f.get_tensor(key)
+        else:
+            if source not in whole:
+                print0(f"note: {path} has no safetensors file with the model's keys ({key}, ...); each rank "
+                       f"loads it whole once")
+                whole[source] = source[1].from_pretrained(path, dtype=torch.float32,
+                                                          trust_remote_code=source[2]).state_dict()
+            value = whole[source][key][start:start + local_shape[0]] if rows else whole[source][key]
+        # a fresh copy: a safetensors slice can be a view of the mapped file, which would stay mapped (and resident)
+        local = torch.empty(local_shape, dtype=p.dtype, device=device)
+        if value.shape != local_shape:
+            raise RuntimeError(f"{key}: read {tuple(value.shape)} for a shard of {tuple(local_shape)}")
+        local.copy_(value)
+        del value
+        if isinstance(p, DTensor):
+            local = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        new = nn.Parameter(local, requires_grad=p.requires_grad)
+        for module, name, _, _ in found:  # FSDP2 picks the new tensor up at its lazy init (reset_sharded_param)
+            module._parameters[name] = new
+
+
 def add_lora(model: nn.Module, args: TrainArgs, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap the model in peft LoRA adapters (a no-op with --lora-r 0): only the adapters (and, for a sequence
     classifier, its score head) train; the base weights stay frozen."""
@@ -1117,7 +1223,8 @@ def add_lora(model: nn.Module, args: TrainArgs, task_type: str = "CAUSAL_LM") ->
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or "all-linear", task_type=task_type)
     try:
-        with quiet_peft():
+        meta = any(p.is_meta for p in model.parameters())
+        with quiet_peft(), _adapters_stay_real() if meta else contextlib.nullcontext():
             return get_peft_model(model, config)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise UserError(f"--lora-r {args.lora_r} --lora-target-modules {args.lora_target_modules or 'all-linear'}: "
@@ -1131,6 +1238,23 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.* is deprecated", FutureWarning)
         yield
+
+
+@contextlib.contextmanager
+def _adapters_stay_real():
+    """peft moves new adapters to their base layer's device: on a meta base (FSDP loading) that would discard their
+    seeded initial values (the same draws as on one process, since building the meta base draws none). While it
+    wraps one, a module is never moved to the meta device."""
+    to = nn.Module.to
+
+    def to_unless_meta(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        return self if device is not None and device.type == "meta" else to(self, *args, **kwargs)
+    nn.Module.to = to_unless_meta
+    try:
+        yield
+    finally:
+        nn.Module.to = to
 
 
 def base_of(model: nn.Module) -> nn.Module:
@@ -1154,7 +1278,8 @@ def adapters_disabled(model: nn.Module):
 def frozen_copy(model: nn.Module, precision: str, fsdp: bool) -> nn.Module:
     """A frozen copy (a reference policy). Under bf16 its Linear weights are stored in bf16: autocast computes with
     bf16 copies of them anyway, so this is exact at half the memory. Embeddings (a tied LM head too) and norms are
-    not autocast and stay fp32. Runs only under autocast. Not under FSDP (one dtype per unit)."""
+    not autocast and stay fp32. Runs only under autocast. Not under FSDP (one dtype per unit), where the policy is
+    still on the meta device here: the copy costs nothing and each rank later reads its own shard of it."""
     import copy
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if precision == "bf16" and not fsdp:
@@ -1163,6 +1288,52 @@ def frozen_copy(model: nn.Module, precision: str, fsdp: bool) -> nn.Module:
             if isinstance(m, nn.Linear) and m.weight is not emb:
                 m.to(torch.bfloat16)
     return frozen
+
+
+def memory_plan(num_params: int, trainable: int, world_size: int, strategy: str, precision: str,
+                has_reference: bool, embedding_params: int = 0, largest_unit: int = 0) -> dict[str, float]:
+    """Bytes of model state per rank (activations not counted): fp32 parameters; fp32 gradients and AdamW's two fp32
+    moments of the trainable ones (DDP: twice the gradients, its buckets); a frozen reference copy (under bf16
+    without FSDP its Linear weights are bf16, frozen_copy; `embedding_params`: the fp32 rest). FSDP divides all of
+    it by the world size and adds the largest unit (a decoder layer, or the root's embeddings and head) gathered
+    whole: the all-gather's buffer and the parameters copied out of it, in backward the parameters, their gradient
+    and the reduce-scatter's buffer.
+    -> {parameters, gradients, adamw, reference, gathered, per_rank, all_ranks}."""
+    shards = world_size if strategy == "fsdp" else 1
+    buckets = 2 if strategy == "ddp" and world_size > 1 else 1  # DDP all-reduces through a copy of the gradients
+    plan = {"parameters": 4.0 * num_params / shards, "gradients": 4.0 * buckets * trainable / shards,
+            "adamw": 8.0 * trainable / shards, "reference": 0.0, "gathered": 0.0}
+    if has_reference:
+        ref = 4 * embedding_params + 2 * (num_params - embedding_params) if precision == "bf16" and shards == 1 \
+            else 4 * num_params
+        plan["reference"] = ref / shards
+    if shards > 1:
+        plan["gathered"] = 4.0 * largest_unit * (3 if trainable else 2)
+    plan["per_rank"] = sum(plan.values())
+    plan["all_ranks"] = plan["per_rank"] * world_size
+    return plan
+
+
+def print_memory_plan(model: nn.Module, ref_model: nn.Module | None, dist_info: DistInfo, strategy: str,
+                      precision: str) -> dict[str, float]:
+    """memory_plan for this run, one line on rank 0 (parameter counts of sharded tensors are the global ones)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    units = fsdp_units(model)
+    unit_sizes = [sum(p.numel() for p in {id(p): p for p in u.parameters()}.values()) for u in units]
+    # a unit's own parameters: its total minus those of the units nested in it (FSDP2 gathers them separately)
+    own = [size - sum(s for v, s in zip(units, unit_sizes) if v is not u and any(v is m for m in u.modules()))
+           for u, size in zip(units, unit_sizes)]
+    embedding = base_of(model).get_input_embeddings() if hasattr(base_of(model), "get_input_embeddings") else None
+    plan = memory_plan(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                       dist_info.world_size, strategy, precision,
+                       ref_model is not None, embedding.weight.numel() if embedding is not None else 0,
+                       max(own, default=0))
+    g = {k: f"{v / 1e9:.2f} GB" for k, v in plan.items()}
+    run = f"{strategy} x{dist_info.world_size}" if dist.is_initialized() else "one process"
+    print0(f"memory plan per rank ({run}, {precision}, activations not counted): "
+           f"parameters {g['parameters']} + gradients {g['gradients']} + AdamW {g['adamw']} + reference "
+           f"{g['reference']} + largest unit gathered {g['gathered']} = {g['per_rank']} (all ranks {g['all_ranks']})")
+    return plan
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -1219,9 +1390,33 @@ def shard_model(model: nn.Module, dist_info: DistInfo, precision: str,
     if roots is None:  # tied weights live inside one child, so they stay in one unit
         inner = unwrap(model)
         roots = [inner] if isinstance(inner, PreTrainedModel) else [unwrap(c) for c in model.children()]
-    for root in roots:
-        fully_shard(root, **kw)
+    for root in roots:  # roots too are freed after forward: a frozen model never runs backward, and the policy's
+        fully_shard(root, reshard_after_forward=True, **kw)  # root would stay whole beside its reference's
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def fsdp_generation(model: nn.Module, gather: bool = False):
+    """Generation under FSDP2. Default: as in training, every unit (each decoder layer, and the root: embeddings,
+    head, final norm) is all-gathered for its forward and freed right after (shard_model), at every decoding step, so
+    at most one unit is whole at a time. gather=True (--gather-for-generation, as TRL's ds3_gather_for_generation):
+    the whole model is gathered once and kept for the whole generation, one all-gather per unit instead of one per
+    unit and token, for a whole model's memory on every rank."""
+    units = fsdp_units(model) if gather else []
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.set_reshard_after_forward(True, recurse=False)
+            u.reshard()
 
 
 @contextlib.contextmanager
@@ -1272,6 +1467,16 @@ def sparse_tied_embeddings(model: nn.Module) -> None:
 def _densify(p: torch.Tensor) -> None:
     if p.grad.is_sparse:
         p.grad = p.grad.to_dense()
+
+
+def release_freed_memory() -> None:
+    """FSDP on CPU: blocks of 1 MiB or more are mapped and given back to the OS when freed. glibc's default raises
+    that threshold to the largest block freed so far (up to 32 MiB), after which gathered layers land in per-thread
+    heaps that are not given back: peak memory per rank grew by a whole model's size over an eval."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
 
 
 def keep_freed_memory() -> None:

@@ -268,7 +268,7 @@ class GRPOTrainer(BaseTrainer):
         with self.autocast():
             out = generate(self.model, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
                            a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
-                           num_samples=num_samples, stop_ids=self.end_of_turn)
+                           num_samples=num_samples, stop_ids=self.end_of_turn, gather=a.gather_for_generation)
         if num_samples > 1:
             prompts = self.make_batch([e for e in examples for _ in range(num_samples)]).to(self.device)
         return prompts, *out

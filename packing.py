@@ -14,7 +14,8 @@ completion tokens. The fast path changes only how much work that takes:
   prompt's completions) share one sdpa call per layer, each masked to its own branch. Anything the
   model's attention does that it does not implement (sliding windows shorter than a sequence, softcapping, sinks,
   recurrent layers) is refused with a pointer to `--no-padding-free`, never ignored. Forwards without segments
-  (generation) fall through to plain sdpa.
+  (generation) fall through to plain sdpa. On CUDA the whole row is ONE compiled FlexAttention call per layer
+  (`flex_segment_attention`, a block mask from the same segments: blocks no query sees are skipped).
 - `kept_logits`: the LM head runs only on positions that predict a completion token (transformers' boolean
   `logits_to_keep`): a [tokens x vocab] matrix is the largest activation of a small model.
 - `label_logps`: `logit[label] - logsumexp(logits)` in row chunks with a hand-written backward (softmax - onehot), so
@@ -79,6 +80,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise UserError(f"--padding-free: this model's attention uses {unsupported}, which packed attention does not "
                         f"implement; run with --no-padding-free")
     _segment_calls += 1
+    if query.is_cuda and dropout == 0.0:  # one fused kernel per layer; CPU: the sdpa calls below (flex has no CPU
+        # backward)
+        return flex_segment_attention(query, key, value, attn_segments, scaling).transpose(1, 2).contiguous(), None
     n_rep, sizes = query.shape[1] // key.shape[1], [q1 - q0 for q0, q1, _ in attn_segments]
     # CPU under bf16 autocast: the fp32 flash kernel's backward is faster than the bf16 one there, and attention is a
     # small share of the FLOPs; outside autocast, which would cast it back. RoPE already hands over fp32 q and k.
@@ -107,6 +111,54 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             for i, piece in zip(members, o.split([sizes[i] for i in members], dim=2) if len(members) > 1 else [o]):
                 out[i] = piece
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # [1, L, H, D], as transformers expects
+
+
+FLEX_BLOCK = 128  # FlexAttention's block size: rows are padded to a multiple of it (few distinct compiled shapes)
+_flex_mask: tuple = (None, None)
+_compiled_flex = None
+
+
+def segment_mask_mod(segments: list, length: int, device):
+    """FlexAttention's mask_mod for a packed row padded to `length`: query q sees key k iff k's segment is q's own
+    (then causally, k <= q) or one of its ancestors: exactly the rule of segment_attention's sdpa calls. Padding is
+    one more segment that sees only itself (no query row is fully masked); its outputs are dropped."""
+    index = {(q0, q1): i for i, (q0, q1, _) in enumerate(segments)}
+    pad = len(segments)
+    seg = torch.full((length,), pad, dtype=torch.long)
+    sees = torch.zeros(pad + 1, pad + 1, dtype=torch.bool)
+    sees[pad, pad] = True
+    for i, (q0, q1, spans) in enumerate(segments):
+        seg[q0:q1] = i
+        sees[i, [index[s] for s in spans]] = True  # the spans: the ancestors, then the segment itself
+    seg, sees = seg.to(device), sees.to(device)
+
+    def mask_mod(b, h, q, k):
+        return sees[seg[q], seg[k]] & ((seg[q] != seg[k]) | (k <= q))
+    return mask_mod
+
+
+def flex_segment_attention(query, key, value, segments: list, scaling: float | None = None,
+                           compiled: bool | None = None) -> torch.Tensor:
+    """Attention of a packed row in ONE FlexAttention call: query [1, H, L, D], key/value [1, H_kv, L, D] ->
+    [1, H, L, D]. The block mask is built once per forward (every layer gets the same segments); blocks that no query
+    of a segment can see are skipped by the kernel. compiled (default: on CUDA) runs the Triton kernel; eager
+    (CPU, tests) computes the same values densely."""
+    global _flex_mask, _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = query.is_cuda if compiled is None else compiled
+    n = query.shape[2]
+    length = -(-n // FLEX_BLOCK) * FLEX_BLOCK
+    if _flex_mask[0] is not segments:
+        mask_mod = segment_mask_mod(segments, length, query.device)
+        _flex_mask = (segments, create_block_mask(mask_mod, None, None, length, length, device=query.device,
+                                                  _compile=compiled))
+    pad = (0, 0, 0, length - n)
+    q, k, v = (F.pad(t, pad) for t in (query, key.to(query.dtype), value.to(query.dtype)))
+    if compiled and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    attend = _compiled_flex if compiled else flex_attention
+    out = attend(q, k, v, block_mask=_flex_mask[1], scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out[:, :, :n]
 
 
 _plan: tuple = (None, None)

@@ -370,7 +370,7 @@ class PPOTrainer(BaseTrainer):
         with self.autocast():
             out = generate(self.model.policy, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
                            a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
-                           stop_ids=self.end_of_turn)
+                           stop_ids=self.end_of_turn, gather=a.gather_for_generation)
         return prompts, *out
 
     def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:

@@ -12,7 +12,8 @@ import time
 import torch
 from torch import nn
 
-from common import UserError, agree_on_error, base_of, check_text, end_of_turn_ids, print0, supports_logits_to_keep
+from common import (UserError, agree_on_error, base_of, check_text, end_of_turn_ids, fsdp_generation, print0,
+                    supports_logits_to_keep)
 from packing import encode_prompt
 
 # PPO and GRPO refuse --top-p < 1 with this (and generate() switches off a generation config's top_k): the policy
@@ -46,15 +47,22 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1,
-             stop_ids: list[int] | None = None):
+             stop_ids: list[int] | None = None, gather: bool = False):
     """Sample from exactly softmax(logits / temperature) (nucleus top_p if < 1), or greedy with temperature 0.
     Every other logits processor a model's generation_config may carry (repetition_penalty, min_p, top_k, ...) is
     off: the policy-gradient log-probs assume this distribution. A reply ends at the first of `stop_ids` (default:
     common.end_of_turn_ids of the tokenizer). num_samples > 1: each prompt is sampled that many times (rows in
     groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's num_return_sequences would
-    prefill every copy). -> truncate_after_eos(responses)."""
+    prefill every copy). Under FSDP one unit is gathered at a time, or the whole model once with gather=True
+    (common.fsdp_generation). -> truncate_after_eos(responses)."""
+    with fsdp_generation(model, gather):
+        return _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples,
+                         stop_ids or end_of_turn_ids(tok))
+
+
+def _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples,
+              stop_ids):
     from transformers import GenerationConfig
-    stop_ids = stop_ids or end_of_turn_ids(tok)
     kw = {}
     if num_samples > 1:
         if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples

@@ -100,8 +100,9 @@ def preference_rows(task: str, held_out: bool, per_question: int = 4) -> list[tu
 
 @torch.no_grad()
 def greedy_accuracy(model: nn.Module, tok, task: str, autocast, dist_info: DistInfo, synced: bool = False,
-                    batch_size: int = 32, max_new_tokens: int = 8) -> tuple[float, list[str]]:
+                    batch_size: int = 32, max_new_tokens: int = 8, gather: bool = False) -> tuple[float, list[str]]:
     """Greedy replies to the held-out questions, scored by the verifier; questions split over ranks, counts summed.
+    synced / gather: FSDP (rollout.generate).
     -> (accuracy, a few 'question -> reply' lines)."""
     was_training = model.training
     model.eval()
@@ -112,7 +113,7 @@ def greedy_accuracy(model: nn.Module, tok, task: str, autocast, dist_info: DistI
         ids, mask = left_pad([encode_prompt(tok, prompt(q)) for q in mine], tok.pad_token_id)
         with autocast():
             completions, _, _ = generate(model, tok, ids.to(dist_info.device), mask.to(dist_info.device),
-                                         max_new_tokens, synced=synced)
+                                         max_new_tokens, synced=synced, gather=gather)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         for q, text in list(zip(mine, texts))[:n_real]:
             correct += first_integer(text) == sum(q)

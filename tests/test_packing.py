@@ -210,3 +210,43 @@ def test_label_logps_divides_by_the_temperature_in_fp32():
     (ours * w).sum().backward()
     (ref * w).sum().backward()
     torch.testing.assert_close(logits.grad.float(), ref_in.grad, rtol=0, atol=1e-2 * ref_in.grad.abs().max().item())
+
+
+def _random_tries(rng: random.Random, n: int):
+    """Packed rows of random tries: a shared stem, sibling groups that share first tokens, a duplicate, a sequence
+    that is a prefix of another. -> (row length, segments) per trie."""
+    for _ in range(n):
+        stem = [rng.randrange(8) for _ in range(rng.randint(1, 5))]
+        heads = [[rng.randrange(2) for _ in range(rng.randint(0, 2))] for _ in range(rng.randint(1, 3))]
+        seqs = [stem + h + [rng.randrange(8) for _ in range(rng.randint(1, 6))] for h in heads for _ in range(3)]
+        seqs += [seqs[0][:], seqs[-1][:max(1, len(seqs[-1]) - 2)]]
+        tensors, segments = pack_prefix_tree(seqs, [1] * len(seqs))
+        yield tensors["input_ids"].shape[1], segments
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_mask_equals_segment_attention():
+    """The CUDA path (one FlexAttention call per layer, block mask from the trie's segments) against today's CPU
+    path (segment_attention's sdpa calls) on random tries, with grouped-query heads: FlexAttention's eager forward
+    gives the same values; gradients (FlexAttention has no CPU backward) through sdpa with the dense mask of the
+    same mask_mod equal today's path's."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from packing import FLEX_BLOCK, flex_segment_attention, segment_attention, segment_mask_mod
+    torch.manual_seed(0)
+    for length, segments in _random_tries(random.Random(2), 8):
+        assert len(segments) > 2
+        q = torch.randn(1, 4, length, 8, requires_grad=True)
+        k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(2))
+        w = torch.randn(1, length, 4, 8)
+        ours, _ = segment_attention(None, q, k, v, None, scaling=0.3, attn_segments=segments)
+        flex = flex_segment_attention(q.detach(), k.detach(), v.detach(), segments, 0.3, compiled=False)
+        torch.testing.assert_close(flex.transpose(1, 2), ours.detach(), rtol=1e-5, atol=1e-5)
+        expected = torch.autograd.grad((ours * w).sum(), (q, k, v))
+        padded = -(-length // FLEX_BLOCK) * FLEX_BLOCK
+        mask = create_mask(segment_mask_mod(segments, padded, "cpu"), 1, 1, padded, padded, "cpu")
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[..., :length, :length], scale=0.3, enable_gqa=True)
+        got = torch.autograd.grad((dense.transpose(1, 2) * w).sum(), (q, k, v))
+        for name, g, e in zip("qkv", got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")

@@ -1,0 +1,74 @@
+"""The memory plan printed at start (common.memory_plan) against what processes actually take on CPU."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common import memory_plan
+from conftest import ENV, ROOT, build_tokenizer
+
+GB = 1e9
+
+
+def test_memory_plan_parts():
+    """fp32 parameters, gradients and AdamW's two moments of what trains, the reference; FSDP divides each by the
+    world size and adds a gathered unit; LoRA trains only the adapters; a bf16 reference keeps fp32 embeddings."""
+    one = memory_plan(1000, 1000, 1, "ddp", "fp32", has_reference=True)
+    assert (one["parameters"], one["gradients"], one["adamw"], one["reference"]) == (4000, 4000, 8000, 4000)
+    assert one["per_rank"] == one["all_ranks"] == 20000
+    fsdp = memory_plan(1000, 1000, 4, "fsdp", "fp32", has_reference=True, largest_unit=100)
+    assert (fsdp["parameters"], fsdp["reference"], fsdp["gathered"]) == (1000, 1000, 1200)
+    assert fsdp["per_rank"] == 20000 / 4 + 1200 and fsdp["all_ranks"] == 4 * fsdp["per_rank"]
+    ddp = memory_plan(1000, 1000, 2, "ddp", "fp32", has_reference=False)
+    assert ddp["gradients"] == 8000 and ddp["parameters"] == 4000  # replicated, gradient buckets
+    lora = memory_plan(1000, 10, 1, "ddp", "bf16", has_reference=False)
+    assert (lora["gradients"], lora["adamw"], lora["reference"]) == (40, 80, 0)
+    bf16 = memory_plan(1000, 1000, 1, "ddp", "bf16", has_reference=True, embedding_params=100)
+    assert bf16["reference"] == 4 * 100 + 2 * 900
+
+
+def _big_model(d):
+    """57M parameters (0.23 GB fp32): large enough that model state dominates a process's fixed costs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=8192, hidden_size=768, intermediate_size=2112, num_hidden_layers=8, num_attention_heads=12,
+        num_key_value_heads=3, tie_word_embeddings=True, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+        bos_token_id=None)).save_pretrained(d)
+    tok.save_pretrained(d)
+
+
+@pytest.mark.slow
+def test_memory_plan_matches_measured_memory(pairs_file, tmp_path):
+    """DPO (policy + reference), fp32, one process and FSDP x2 (gloo): resident memory taken by building the trainer
+    is the plan's parameters + reference, and the peak over two training steps is its gradients + AdamW (+ the
+    gathered unit), each within -5% / +25% (load) and -5% / +50% (train: activations and optimizer temporaries are
+    not planned); FSDP x2 takes at most 0.65x of one process per rank."""
+    _big_model(tmp_path / "model")
+    flags = [f"--model={tmp_path / 'model'}", f"--dataset={pairs_file}", "--precision=fp32", "--batch-size=1",
+             "--max-length=64", "--max-prompt-length=32", "--total-steps=2", "--eval-size=4", "--save-every=0",
+             "--eval-every=0", "--no-padding-free"]
+    runs = {"single": ([sys.executable], []),
+            "fsdp": (["torchrun", "--nproc_per_node=2", "--master_port=29591"], ["--strategy=fsdp"])}
+    measured = {}
+    for name, (launcher, extra) in runs.items():
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run(launcher + ["tests/memory_worker.py", str(out)] + flags + extra +
+                           [f"--output-dir={tmp_path / name}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "memory plan per rank" in r.stdout
+        measured[name] = [json.loads((tmp_path / f"{name}.json.{rank}").read_text())
+                          for rank in range(1 if name == "single" else 2)]
+    for name, ranks in measured.items():
+        for m in ranks:
+            p = m["plan"]
+            load, train = p["parameters"] + p["reference"], p["gradients"] + p["adamw"] + p["gathered"]
+            assert 0.95 * load <= m["load"] <= 1.25 * load, (name, m["load"] / GB, load / GB)
+            assert 0.95 * train <= m["train"] <= 1.5 * train, (name, m["train"] / GB, train / GB)
+    single = measured["single"][0]
+    for m in measured["fsdp"]:
+        assert m["load"] + m["train"] <= 0.65 * (single["load"] + single["train"])

@@ -38,7 +38,7 @@ class Args(TrainArgs):
     padding_free: bool = True
     """pack each micro-batch into one row, each prompt once, shared by its completion and its KL pair's (exact;
     needs a transformers model with AttentionInterface attention); --no-padding-free pads to the longest sequence"""
-    batch_size: int = 16
+    batch_size: int = 8
     """unpaired rows per device per micro-batch (the KL estimate pairs each prompt with another row's completion)"""
     learning_rate: float = 2e-5
     """peak AdamW learning rate"""
@@ -46,7 +46,7 @@ class Args(TrainArgs):
     """optimizer steps (0 = run only the step-0 eval)"""
     warmup_steps: int = 5
     """linear warm-up steps of the scheduler"""
-    eval_every: int = 20
+    eval_every: int = 30
     """steps between evals (0 = only at start and end)"""
     log_every: int = 5
     """steps between log lines / metrics.jsonl records"""

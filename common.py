@@ -362,7 +362,7 @@ class BaseTrainer(ABC):
         for mine, n_real in progress(batches, "eval", ceil_div(len(self.eval_data),
                                                                self.args.batch_size * self.dist.world_size)):
             batch = self.make_batch(mine).to(self.device)
-            batch.step_loss_tokens = batch.num_loss_tokens
+            batch.step_loss_tokens, batch.num_samples = batch.num_loss_tokens, n_real  # a filler batch counts 0
             with self.autocast():
                 out = self.compute_loss(self.model, batch)
             # a filler batch (n_real = 0) weighs nothing, but adds its keys: every rank reduces the same vector
@@ -1025,11 +1025,12 @@ class ShardedSampler:
             self._orders = {epoch: self.epoch_order(epoch)} | {e: p for e, p in self._orders.items() if e == epoch - 1}
         return self._orders[epoch][k]
 
-    def next_indices(self) -> list[int]:
+    def next_indices(self, all_ranks: bool = False) -> list[int]:
+        """This rank's rows of the next global micro-batch (all_ranks: the whole global micro-batch, in order)."""
         gb = self.bs * self.world
         rows = [self._row(p) for p in range(self.consumed, self.consumed + gb)]
         self.consumed += gb
-        return rows[self.rank::self.world]
+        return rows if all_ranks else rows[self.rank::self.world]
 
 
 def rank_batches(items: list, batch_size: int, rank: int, world_size: int):

@@ -2,6 +2,8 @@
 
     python dpo.py                                   # bundled SmolLM2-135M-Instruct on the built-in arithmetic task
     python dpo.py --dataset ../shared/data/hh_harmless_test.jsonl --beta 0.1 --max-length 256
+    python dpo.py --loss-type simpo --beta 2.0 --simpo-gamma 1.0   # SimPO: no reference model
+    python dpo.py --loss-type orpo --beta 0.1                      # ORPO: no reference model, beta is its lambda
     torchrun --nproc_per_node 8 dpo.py --model path/to/hf_model --dataset prefs.jsonl --beta 0.1
 
 Rows are {"prompt", "chosen", "rejected"}: strings, or chat message lists (the prompt gets the chat template).
@@ -27,20 +29,40 @@ class LossType(StrEnum):
     ipo = "ipo"  # Azar et al. 2023, eq. 17, on length-averaged log-probs
     hinge = "hinge"  # SLiC (Zhao et al. 2023), hinge on the reward margin
     robust = "robust"  # Chowdhury et al. 2024, unbiased under label noise rate = label_smoothing
+    simpo = "simpo"  # Meng et al. 2024, length-normalised reward beta * avg log pi, target margin gamma; no reference
+    orpo = "orpo"  # Hong et al. 2024, NLL on chosen + lambda (= beta) x log odds ratio; no reference
+
+    @property
+    def needs_reference(self) -> bool:
+        """SimPO and ORPO are defined on the policy alone: no reference model is built."""
+        return self not in (LossType.simpo, LossType.orpo)
+
+    @property
+    def length_averaged(self) -> bool:
+        """dpo_loss gets log-probs averaged over completion tokens (as its paper defines it), else summed."""
+        return self in (LossType.ipo, LossType.simpo, LossType.orpo)
+
+    @property
+    def smoothable(self) -> bool:
+        """A logistic loss that --label-smoothing mixes with its flipped-label version."""
+        return self in (LossType.sigmoid, LossType.robust, LossType.simpo)
 
 
 @dataclass
 class Args(TrainArgs):
     beta: float = 0.1
-    """KL strength: rewards are beta * log(pi / pi_ref); for IPO it is tau (the target margin is 1 / (2 beta))"""
+    """KL strength: rewards are beta * log(pi / pi_ref); for IPO it is tau (the target margin is 1 / (2 beta)); for
+    SimPO the reward scale (the paper uses 2-2.5); for ORPO the weight lambda of the odds-ratio term (TRL's name)"""
     loss_type: LossType = LossType.sigmoid
-    """sigmoid (DPO), ipo, hinge, robust"""
+    """sigmoid (DPO), ipo, hinge, robust, simpo, orpo"""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (TRL's name and default)"""
     label_smoothing: float = 0.0
-    """assumed probability that a preference label is flipped (cDPO / robust DPO); 0 = plain DPO"""
+    """assumed probability that a preference label is flipped (cDPO / robust DPO / SimPO); 0 = plain DPO"""
     rpo_alpha: float = 0.0
     """weight of an NLL loss on the chosen completion (RPO, Pang et al. 2024); 0 = off"""
     reference_free: bool = False
-    """use a uniform reference (log pi_ref = 0): no reference model at all"""
+    """use a uniform reference (log pi_ref = 0): no reference model at all (always so for simpo and orpo)"""
     precompute_ref_logps: bool = False
     """compute reference log-probs once before training, then free the reference model (saves its memory and forward)"""
     padding_free: bool = True
@@ -59,21 +81,30 @@ class Args(TrainArgs):
 
     def validate(self) -> None:
         super().validate()
+        self.loss_type = LossType(self.loss_type)  # a plain string when built in code
         check_flag(self, "beta", self.beta > 0, "must be > 0")
         check_flag(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)")
         check_flag(self, "rpo_alpha", self.rpo_alpha >= 0, "must be >= 0")
-        if self.label_smoothing and self.loss_type in (LossType.hinge, LossType.ipo):
-            raise UserError(f"--label-smoothing applies to --loss-type sigmoid or robust, not {self.loss_type}")
+        check_flag(self, "simpo_gamma", True, "must be finite")
+        if self.label_smoothing and not self.loss_type.smoothable:
+            raise UserError(f"--label-smoothing applies to --loss-type sigmoid, robust or simpo, not {self.loss_type}")
+        if self.rpo_alpha and self.loss_type == LossType.orpo:
+            raise UserError("--rpo-alpha: --loss-type orpo has its own NLL term on the chosen completion")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss_type.needs_reference and not self.reference_free
 
 
 def dpo_loss(
-    policy_chosen_logps: torch.Tensor,  # [B] log pi(y_w|x), summed over completion tokens (IPO: averaged)
+    policy_chosen_logps: torch.Tensor,  # [B] log pi(y_w|x), summed over completion tokens (length_averaged: averaged)
     policy_rejected_logps: torch.Tensor,  # [B] log pi(y_l|x)
-    ref_chosen_logps: torch.Tensor,  # [B] log pi_ref(y_w|x)
+    ref_chosen_logps: torch.Tensor,  # [B] log pi_ref(y_w|x) (simpo / orpo: zeros, their losses ignore it)
     ref_rejected_logps: torch.Tensor,  # [B] log pi_ref(y_l|x)
     beta: float,
     loss_type: LossType | str = LossType.sigmoid,
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses [B] and implicit rewards beta * log(pi / pi_ref) for chosen and rejected [B] (detached)."""
     # h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l): the implicit reward margin divided by beta
@@ -91,6 +122,17 @@ def dpo_loss(
     elif loss_type == LossType.ipo:
         # IPO eq. 17: (h - 1/(2 tau))^2, h on length-averaged log-probs (as the IPO authors confirmed)
         losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == LossType.simpo:
+        # SimPO eq. 6: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma), label smoothing as TRL
+        z = beta * (policy_chosen_logps - policy_rejected_logps) - simpo_gamma
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss_type == LossType.orpo:
+        # ORPO eqs. 4-7: L_SFT + lambda L_OR, L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)), odds = P / (1 - P)
+        # with P = exp(mean token log-prob); L_SFT = -mean token log-prob of y_w; log(1 - P) = log(-expm1(log P))
+        log1m = lambda lp: torch.log(-torch.expm1(lp))  # noqa: E731
+        log_odds = (policy_chosen_logps - log1m(policy_chosen_logps)) - (policy_rejected_logps
+                                                                          - log1m(policy_rejected_logps))
+        losses = -policy_chosen_logps - beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(loss_type)
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
@@ -107,7 +149,7 @@ class DPOTrainer(BaseTrainer):
         model = add_lora(super().build_model(), self.args)
         if self.args.padding_free:
             use_segment_attention(model)
-        if not self.args.reference_free:
+        if self.args.uses_reference:
             self.init_reference(model)
         return model
 
@@ -120,7 +162,7 @@ class DPOTrainer(BaseTrainer):
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
-        if a.precompute_ref_logps and not a.reference_free:  # [B, 2]: each pair's chosen and rejected log-probs
+        if a.precompute_ref_logps and a.uses_reference:  # [B, 2]: each pair's chosen and rejected log-probs
             self.precompute_reference(lambda ref, batch: sequence_logps(ref, batch).view(2, -1).T)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
@@ -154,22 +196,23 @@ class DPOTrainer(BaseTrainer):
         policy_logps = sequence_logps(model, batch)  # [2B]
         if "ref_logps" in batch.tensors:
             ref_logps = batch["ref_logps"].to(policy_logps.dtype)
-        elif a.reference_free:
+        elif not a.uses_reference:
             ref_logps = torch.zeros_like(policy_logps)
         else:
             with torch.no_grad(), self.reference() as ref:
                 ref_logps = sequence_logps(ref, batch)
         # RPO: NLL per chosen token, averaged per pair (a per-sample mean keeps accumulation/world-size invariance)
         nll = (-policy_logps.chunk(2)[0] / batch["lengths"].chunk(2)[0]).mean()
-        if a.loss_type == LossType.ipo:  # IPO is defined on length-averaged log-probs
+        if a.loss_type.length_averaged:  # IPO, SimPO and ORPO are defined on length-averaged log-probs
             policy_logps, ref_logps = policy_logps / batch["lengths"], ref_logps / batch["lengths"]
         pc, pr = policy_logps.chunk(2)
         rc, rr = ref_logps.chunk(2)
-        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, a.beta, a.loss_type, a.label_smoothing)
+        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, a.beta, a.loss_type, a.label_smoothing, a.simpo_gamma)
         loss = losses.mean()
         metrics = {"loss": loss.detach()}
         if a.rpo_alpha > 0:
             loss = loss + a.rpo_alpha * nll
+        if a.rpo_alpha > 0 or a.loss_type == LossType.orpo:  # ORPO's loss holds this NLL already
             metrics["nll_loss"] = nll.detach()
         metrics |= {"rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),
                     "rewards/accuracies": (chosen_r > rejected_r).float().mean(),

@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization and its critic-free relatives (Dr. GRPO, DAPO, RLOO), one file.
+"""Group Relative Policy Optimization and its critic-free relatives (Dr. GRPO, DAPO, RLOO, GSPO), one file.
 
     python grpo.py                                    # bundled SmolLM2-135M-Instruct, arithmetic prompts, verifier
     python grpo.py --dataset arithmetic3              # the harder built-in task (sums of three digits)
@@ -7,13 +7,15 @@
     python grpo.py --loss-type dr_grpo --scale-rewards none         # Dr. GRPO
     python grpo.py --epsilon-high 0.28 --mask-truncated-completions   # DAPO's clip-higher and overlong filtering
     python grpo.py --advantage rloo --scale-rewards none              # RLOO
+    python grpo.py --importance-sampling-level sequence --num-iterations 2   # GSPO
     torchrun --nproc_per_node 8 grpo.py --dataset prompts.jsonl --reward-fn my_rewards:correct
 
 One step (iteration) = each prompt's --num-generations completions sampled -> scored -> advantages from the group's
 rewards (no critic) -> --num-iterations clipped updates over the whole rollout. GRPO: Shao et al. 2024, DeepSeekMath
 (https://arxiv.org/abs/2402.03300); Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training"
 (https://arxiv.org/abs/2503.20783); DAPO: Yu et al. 2025 (https://arxiv.org/abs/2503.14476); RLOO: Ahmadian et al.
-2024, "Back to Basics" (https://arxiv.org/abs/2402.14740). Flag names and defaults follow TRL's GRPOTrainer.
+2024, "Back to Basics" (https://arxiv.org/abs/2402.14740); GSPO: Zheng et al. 2025, "Group Sequence Policy
+Optimization" (https://arxiv.org/abs/2507.18071). Flag names and defaults follow TRL's GRPOTrainer.
 Prompt rows are {"prompt": str or messages, ...}; the other fields reach the reward functions.
 """
 from __future__ import annotations
@@ -48,6 +50,11 @@ class AdvantageType(StrEnum):
     rloo = "rloo"  # leave-one-out: r_i - mean_{j != i} r_j (the baseline does not contain the sample itself)
 
 
+class ImportanceSamplingLevel(StrEnum):
+    token = "token"  # one ratio pi / pi_old per token (GRPO, PPO)
+    sequence = "sequence"  # one per sequence, the geometric mean of its token ratios (GSPO)
+
+
 class LossType(StrEnum):
     grpo = "grpo"  # per-sequence token mean, then mean over sequences (biased toward short replies, Dr. GRPO)
     dr_grpo = "dr_grpo"  # token sum / (max_new_tokens x sequences): a constant normaliser
@@ -70,6 +77,9 @@ class Args(TrainArgs):
     """grpo (group-mean baseline) or rloo (leave-one-out baseline; unscaled, so it needs --scale-rewards none)"""
     loss_type: LossType = LossType.dapo
     """dapo (TRL's default), grpo or dr_grpo: how per-token losses are averaged"""
+    importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel.token
+    """token (GRPO) or sequence (GSPO: the ratio of a sequence is exp(mean over its loss tokens of log pi / pi_old),
+    clipped per sequence; the GSPO paper clips at 3e-4 / 4e-4, so set --epsilon-low / --epsilon-high with it)"""
     epsilon_low: float = 0.2
     """ratio clip below: 1 - epsilon_low"""
     epsilon_high: float | None = None
@@ -172,11 +182,17 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
-def clipped_token_loss(logps, old_logps, advantages, eps_low: float, eps_high: float):
+def clipped_token_loss(logps, old_logps, advantages, eps_low: float, eps_high: float, mask: torch.Tensor | None = None,
+                       level: ImportanceSamplingLevel = ImportanceSamplingLevel.token):
     """Per-token clipped surrogate [N, L] (GRPO eq. 3; asymmetric clip-higher, DAPO eq. 10):
-    -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = pi / pi_old, A [N] broadcast over tokens.
+    -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = pi / pi_old, A [N] broadcast over tokens. level sequence
+    (GSPO eqs. 5 and 7): r_i = exp(1/|o_i| sum_t log pi / pi_old over the loss tokens `mask` of sequence i), the
+    geometric mean of its token ratios, clipped per sequence and broadcast to its tokens (as TRL).
     -> (loss, low_clipped, high_clipped) with the clipped indicators as TRL counts them."""
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if level == ImportanceSamplingLevel.sequence:
+        log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logps)
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
     loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     low = ((ratio < 1 - eps_low) & (adv < 0)).float()
@@ -391,8 +407,9 @@ class GRPOTrainer(BaseTrainer):
         logps, entropy = self.completion_logps(model, t, entropy=True)
         # one update per generation: the old policy is the current one (ratio 1, gradient of the plain PG loss)
         old = t["old_logps"] if "old_logps" in t else logps.detach()
-        per_token, low, high = clipped_token_loss(logps, old, t["advantages"], a.epsilon_low, a.epsilon_high)
         mask = t["loss_mask"]
+        per_token, low, high = clipped_token_loss(logps, old, t["advantages"], a.epsilon_low, a.epsilon_high, mask,
+                                                  a.importance_sampling_level)
         metrics = {}
         if "ref_logps" in t:
             kl = k3_kl(logps, t["ref_logps"])

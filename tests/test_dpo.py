@@ -17,8 +17,14 @@ PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
 def _sig(x):
     return 1 / (1 + math.exp(-x))
 
-def _hand(loss_type, beta, eps, i):
+def _hand(loss_type, beta, eps, i, gamma=0.5):
     h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+    if loss_type == "simpo":  # SimPO eq. 6 on the policy's (length-averaged) log-probs: the reference is ignored
+        z = beta * (PC[i] - PR[i]) - gamma
+        return -(1 - eps) * math.log(_sig(z)) - eps * math.log(_sig(-z))
+    if loss_type == "orpo":  # ORPO eq. 6: NLL(y_w) + lambda * -log sigmoid(log odds ratio), odds = p / (1 - p)
+        odds = lambda lp: math.exp(lp) / (1 - math.exp(lp))  # noqa: E731
+        return -PC[i] - beta * math.log(_sig(math.log(odds(PC[i]) / odds(PR[i]))))
     if loss_type == "sigmoid":
         return -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
     if loss_type == "robust":
@@ -29,7 +35,7 @@ def _hand(loss_type, beta, eps, i):
         return (h - 1 / (2 * beta)) ** 2
 
 @pytest.mark.parametrize("loss_type,beta,eps", [(lt, 0.1, 0.0) for lt in LossType] + [
-    ("sigmoid", 0.5, 0.2), ("robust", 0.5, 0.2)])
+    ("sigmoid", 0.5, 0.2), ("robust", 0.5, 0.2), ("simpo", 2.0, 0.2)])
 def test_loss_types_match_hand_computation(loss_type, beta, eps):
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     losses, cr, rr = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, eps)
@@ -37,6 +43,8 @@ def test_loss_types_match_hand_computation(loss_type, beta, eps):
         assert losses[i].item() == pytest.approx(_hand(loss_type, beta, eps, i), rel=1e-12)
         assert cr[i].item() == pytest.approx(beta * (PC[i] - RC[i]))
         assert rr[i].item() == pytest.approx(beta * (PR[i] - RR[i]))
+    if not LossType(loss_type).needs_reference:  # the loss is the policy's alone: another reference changes nothing
+        torch.testing.assert_close(dpo_loss(t(PC), t(PR), t(RC) + 3, t(RR) - 1, beta, loss_type, eps)[0], losses)
     # accuracy is "chosen reward > rejected reward": pair 0 is right (0.1b > -0.05b), pair 1 wrong
     assert ((cr > rr).tolist()) == [True, False]
 
@@ -48,6 +56,30 @@ def test_pinned_values():
     assert dpo_loss(*args, 0.5, "robust", 0.2)[0].item() == pytest.approx(0.13687100611490002, rel=1e-12)
     assert dpo_loss(*args, 0.5, "hinge")[0].item() == pytest.approx(0.25, rel=1e-12)
     assert dpo_loss(*args, 0.5, "ipo")[0].item() == pytest.approx(0.25, rel=1e-12)  # (1.5 - 1)^2
+    # SimPO, beta 2, gamma 0.5: z = 2 x (-4 + 6) - 0.5 = 3.5, -log sigmoid(3.5); with label smoothing 0.2
+    assert dpo_loss(*args, 2.0, "simpo", 0.0, 0.5)[0].item() == pytest.approx(0.02975041827262056, rel=1e-12)
+    assert dpo_loss(*args, 2.0, "simpo", 0.2, 0.5)[0].item() == pytest.approx(0.7297504182726206, rel=1e-12)
+    # ORPO, lambda 0.1: 4 (the NLL) - 0.1 log sigmoid(log odds ratio 2.016003617456927)
+    assert dpo_loss(*args, 0.1, "orpo")[0].item() == pytest.approx(4.012503372381736, rel=1e-12)
+
+
+def test_loss_type_properties():
+    assert [lt for lt in LossType if not lt.needs_reference] == ["simpo", "orpo"]
+    assert [lt for lt in LossType if lt.length_averaged] == ["ipo", "simpo", "orpo"]
+    assert [lt for lt in LossType if lt.smoothable] == ["sigmoid", "robust", "simpo"]
+
+
+def test_simpo_and_orpo_gradients():
+    """SimPO: d/d pc of -log sigmoid(beta (pc - pr) - gamma) = -beta sigmoid(-z); ORPO: the NLL's -1 plus the odds
+    ratio's -lambda sigmoid(-lor) / (1 - p_w) (d log odds / d log p = 1 / (1 - p))."""
+    pc, pr = torch.tensor([-0.5], dtype=torch.float64, requires_grad=True), torch.tensor([-1.5], dtype=torch.float64)
+    dpo_loss(pc, pr, torch.zeros(1), torch.zeros(1), 2.0, "simpo", simpo_gamma=0.5)[0].sum().backward()
+    assert pc.grad.item() == pytest.approx(-2.0 * _sig(-(2.0 * 1.0 - 0.5)), rel=1e-12)
+    pc.grad = None
+    dpo_loss(pc, pr, torch.zeros(1), torch.zeros(1), 0.1, "orpo")[0].sum().backward()
+    p_w, p_l = math.exp(-0.5), math.exp(-1.5)
+    lor = math.log(p_w / (1 - p_w)) - math.log(p_l / (1 - p_l))
+    assert pc.grad.item() == pytest.approx(-1 - 0.1 * _sig(-lor) / (1 - p_w), rel=1e-12)
 
 def test_policy_equals_reference_gives_ln2_and_zero_rewards():
     x = torch.randn(5, dtype=torch.float32)
@@ -107,26 +139,53 @@ def test_step0_bf16_rewards_are_exactly_zero(tiny_model_dir, pairs_file, tmp_pat
     m = trainer.evaluate()
     assert m["rewards/chosen"] == 0 and m["rewards/rejected"] == 0 and m["rewards/margins"] == 0
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "orpo"])
 def test_compute_loss_feeds_summed_or_length_averaged_logps(tiny_model_dir, pairs_file, tmp_path, loss_type):
-    """IPO gets log-probs divided by completion length, the others sums; checked with a reference that differs."""
-    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=0.5))
+    """IPO, SimPO and ORPO get log-probs divided by completion length, the others sums; checked with a reference
+    that differs (SimPO and ORPO build none: their rewards are beta x the policy's averaged log-probs)."""
+    rpo = 0.0 if loss_type == "orpo" else 0.5
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, rpo_alpha=rpo, beta=0.1))
     exs = t.train_data[:4]
     assert len({len(c) for e in exs for c in e["completions"]}) > 1
     batch = pair_batch(exs, t.tokenizer.pad_token_id, False)
     with torch.no_grad():
-        for p in t.ref_model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+        if LossType(loss_type).needs_reference:
+            for p in t.ref_model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+            ref = sequence_logps(t.ref_model, batch)
+        else:
+            assert t.ref_model is None
+            ref = torch.zeros(8)
         out = t.compute_loss(t.model, batch)
-        pol, ref = sequence_logps(t.model, batch), sequence_logps(t.ref_model, batch)
+        pol = sequence_logps(t.model, batch)
     lengths = batch["lengths"].float()
-    norm = lengths if loss_type == "ipo" else torch.ones_like(lengths)
+    norm = lengths if loss_type in ("ipo", "simpo", "orpo") else torch.ones_like(lengths)
     (pc, pr), (rc, rr) = (pol / norm).chunk(2), (ref / norm).chunk(2)
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, 0.1, loss_type)
     nll = (-pol.chunk(2)[0] / lengths.chunk(2)[0]).mean()
-    torch.testing.assert_close(out.loss, losses.mean() + 0.5 * nll)
+    torch.testing.assert_close(out.loss, losses.mean() + rpo * nll)
+    torch.testing.assert_close(out.metrics["nll_loss"], nll)
+    if loss_type == "orpo":  # its NLL term is the per-pair mean token NLL of the chosen completion
+        torch.testing.assert_close(losses.mean() - nll, -0.1 * torch.nn.functional.logsigmoid(
+            (pc - (-pc.exp()).log1p()) - (pr - (-pr.exp()).log1p())).mean())
     torch.testing.assert_close(out.metrics["rewards/margins"], (cr - rj).mean())
     torch.testing.assert_close(out.metrics["logps/chosen"], pc.mean())
+
+
+@pytest.mark.parametrize("loss_type,beta", [("simpo", 2.0), ("orpo", 0.1)])
+def test_simpo_orpo_smoke_run_without_reference(tiny_model_dir, pairs_file, tmp_path, loss_type, beta):
+    """A few steps in process on the tiny model, eval on the training rows: no reference model anywhere (also not
+    with --precompute-ref-logps), finite metrics, and the margin of averaged log-probs grows."""
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, loss_type=loss_type, beta=beta, total_steps=4,
+                            eval_dataset=pairs_file, precompute_ref_logps=True, learning_rate=3e-3))
+    assert t.ref_model is None and "ref_logps" not in t.train_data[0]
+    before = t.evaluate()
+    t.train()
+    after = t.evaluate()
+    assert all(math.isfinite(v) for v in after.values())
+    assert after["loss"] < before["loss"] and after["rewards/margins"] > before["rewards/margins"]
+    if loss_type == "orpo":
+        assert after["nll_loss"] < before["nll_loss"]
 
 
 @pytest.mark.slow
@@ -195,3 +254,14 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file
         plain, policy = sequence_logps(base, batch), sequence_logps(t.model, batch)
     torch.testing.assert_close(ref, plain)
     assert not torch.allclose(ref, policy)  # the adapters trained
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"loss_type": "orpo", "rpo_alpha": 1.0}, r"--rpo-alpha: --loss-type orpo has its own NLL term"),
+    ({"loss_type": "orpo", "label_smoothing": 0.1}, r"--label-smoothing applies to .* not orpo"),
+    ({"loss_type": "simpo", "simpo_gamma": float("nan")}, r"--simpo-gamma nan: must be finite"),
+])
+def test_simpo_orpo_bad_flags(tiny_model_dir, pairs_file, tmp_path, kw, match):
+    from common import UserError
+    with pytest.raises(UserError, match=match):
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", **kw))

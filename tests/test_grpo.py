@@ -9,8 +9,8 @@ import torch
 
 from common import Batch, UserError
 from conftest import ENV, ROOT, fixed_grpo_rollout, read_metrics, update_grads, write_prompt_task
-from grpo import (AdvantageType, Args, GRPOTrainer, LossType, ScaleRewards, aggregate_loss, clipped_token_loss,
-                  group_advantages, k3_kl, main)
+from grpo import (AdvantageType, Args, GRPOTrainer, ImportanceSamplingLevel, LossType, ScaleRewards, aggregate_loss,
+                  clipped_token_loss, group_advantages, k3_kl, main)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,65 @@ def test_clip_higher_is_asymmetric_and_counted():
     assert low.tolist() == [[0.0, 1.0, 0.0, 1.0]] and high.sum() == 0
     loss.sum().backward()
     assert new.grad[0, 1] == 0 and new.grad[0, 3] == 0 and new.grad[0, 0] != 0  # clipped: no gradient
+
+
+def test_gspo_sequence_ratio_closed_form():
+    """GSPO: one ratio per sequence, the geometric mean of its token ratios over the loss mask, clipped per sequence
+    and broadcast to its tokens; masked tokens change nothing."""
+    ratios = torch.tensor([[1.5, 0.5, 2.0, 7.0], [1.1, 1.2, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    new = ratios.log().requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss, low, high = clipped_token_loss(new, torch.zeros_like(new), adv, 0.2, 0.1, mask, "sequence")
+    s0, s1 = (1.5 * 0.5 * 2.0) ** (1 / 3), (1.1 * 1.2) ** 0.5  # 1.1447, 1.1489
+    assert s0 == pytest.approx(1.1447142425533319) and s1 == pytest.approx(1.1489125293076057)
+    # sequence 0, A = +1: s0 > 1 + 0.1, clipped to 1.1; sequence 1, A = -1: -min(-s1, -1.1) = s1, not clipped
+    torch.testing.assert_close(loss, torch.tensor([[-1.1] * 4, [s1] * 4], dtype=torch.float64))
+    assert high.tolist() == [[1.0] * 4, [0.0] * 4] and low.sum() == 0
+    (loss * mask).sum().backward()
+    # d s1 / d log r_t = s1 / |o_1| on its 2 loss tokens; a clipped sequence and masked tokens get none
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0] * 4, [s1 / 2 * 2, s1 / 2 * 2, 0.0, 0.0]],
+                                                      dtype=torch.float64))
+    # the token level on the same numbers differs (each token its own ratio)
+    tok, _, _ = clipped_token_loss(new, torch.zeros_like(new), adv, 0.2, 0.1, mask, "token")
+    assert not torch.allclose(tok * mask, loss * mask)
+
+
+def test_gspo_in_the_trainer_against_its_formula(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """compute_loss with --importance-sampling-level sequence on a fixed rollout whose old log-probs differ from the
+    policy's: the loss is 1/N sum_i -min(s_i A_i, clip(s_i) A_i) (loss type grpo), s_i from the loss tokens only."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, num_iterations=2, mask_truncated_completions=True,
+                           importance_sampling_level="sequence", loss_type="grpo"))
+    t = fixed_grpo_rollout(tr, [1, 2])
+    gen = torch.Generator().manual_seed(0)
+    t["old_logps"] = t["old_logps"] + 0.3 * torch.randn(t["old_logps"].shape, generator=gen) * t["completion_mask"]
+    (mb,) = tr.micro_batches(t)
+    with torch.no_grad():
+        out = tr.compute_loss(tr.model, mb)
+        logps = tr.completion_logps(tr.model, t)
+    mask = t["loss_mask"]
+    assert (mask.sum(1) == 0).any() and (mask != t["completion_mask"]).any()  # truncated ones: no loss tokens
+    s = (((logps - t["old_logps"]) * mask).sum(1) / mask.sum(1).clamp(min=1)).exp()
+    adv = t["advantages"]
+    per_seq = -torch.min(s * adv, s.clamp(0.8, 1.2) * adv) * (mask.sum(1) > 0)
+    assert ((s < 0.8) | (s > 1.2)).any() and ((s > 0.8) & (s < 1.2) & (mask.sum(1) > 0)).any()
+    torch.testing.assert_close(out.loss, per_seq.mean())
+    tr.args.importance_sampling_level = ImportanceSamplingLevel.token
+    with torch.no_grad():
+        assert not torch.allclose(tr.compute_loss(tr.model, mb).loss, out.loss)
+
+
+def test_gspo_smoke_run_in_process(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(task_dir))
+    main(_args(tiny_model_dir, task_dir, tmp_path, importance_sampling_level="sequence", num_iterations=2,
+               epsilon_low=3e-4, epsilon_high=4e-4))
+    train = [m for m in read_metrics(tmp_path) if "train/reward" in m]
+    assert len(train) == 2
+    for key in ("reward", "grad_norm", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+        assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+    # GSPO's tiny clip range: the second update of each rollout clips whole sequences
+    assert any(m["train/clip_ratio/low_mean"] + m["train/clip_ratio/high_mean"] > 0 for m in train)
 
 
 def test_k3_kl_is_unbiased_and_nonnegative():

@@ -1,4 +1,7 @@
-"""The on-disk format of checkpoints; no algorithm script needs to read this.
+"""What a run keeps on disk, and how it survives a kill or a full disk; no algorithm script needs to read this.
+
+The run directory: runs/<script>-<time>/ holds run.json (what the run was started with; --resume must match it),
+run.lock (an flock while a run uses it), metrics.jsonl (whole lines only), checkpoints/ and final/.
 
 checkpoints/step_N/ = dcp/ (model + optimizer, resharded on load), scheduler.pt, rng_rank*.pt, trainer_state.json,
 then manifest.json (size and crc32 of every file), then COMPLETE. Written to step_N.tmp/, fsynced, renamed; a failed
@@ -7,6 +10,7 @@ write removes the .tmp and stops the run with one line; older checkpoints stay. 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,14 +20,16 @@ import shutil
 import time
 import warnings
 import zlib
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from common import (UserError, agree_on_error, barrier, first_error, is_main, merged_lora_copy, os_error, print0,
-                    write_failure)
+from common import UserError, agree_on_error, barrier, first_error, is_main, os_error, print0, quiet_peft
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What BaseTrainer calls: save, resume (with the fallback to an older checkpoint), export
@@ -121,6 +127,170 @@ def export(trainer) -> None:
             error = write_failure("export failed:", tmp, e)
             shutil.rmtree(tmp, ignore_errors=True)
     agree_on_error(error)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run directory: its name, lock and run.json; whole metrics lines; what a failed write says
+
+_HELD_LOCKS: dict[Path, Any] = {}  # run directories this process has locked (in-process tests build several trainers)
+
+
+def write_failure(what: str, path, e: BaseException) -> str:
+    """One line for a failed write: the OSError inside (DCP wraps each rank's failure in a CheckpointException),
+    else the last line of what was raised, named a full disk when the disk is full (torch.save's zip writer reports
+    ENOSPC as 'unexpected pos'). Call before the partial files are removed."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return str(os_error(what, path, x))
+        failures = getattr(x, "failures", None)
+        for f in (failures.values() if isinstance(failures, dict) else []):
+            todo.append(f[0] if isinstance(f, tuple) else f)
+        todo += [x.__cause__, x.__context__]
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    detail = last if getattr(e, "failures", None) else f"{type(e).__name__}: {last}"  # DCP's ends in the inner one
+    with contextlib.suppress(OSError):
+        probe = Path(path) if Path(path).exists() else Path(path).parent
+        free = shutil.disk_usage(probe).free
+        if free < 1 << 20:
+            return f"{what} {path}: No space left on device (ENOSPC: {free} bytes free; {detail})"
+    return f"{what} {path}: {detail}"
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line whole or not at all: a write cut short (a full disk) is truncated away, so the file never
+    ends in a torn record that a later --resume would have to parse."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def resolve_output_dir(args, script: str) -> Path:
+    """The run's directory (created later, once the inputs are validated). Never overwrites a run."""
+    # the pid keeps two default runs started in the same second apart
+    name = args.output_dir or f"runs/{script}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    if dist.is_initialized():  # ranks may straddle a second boundary: rank 0's name wins
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    out = Path(name)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out}: exists and is not a directory")
+    if not args.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
+                        f"another --output-dir (nothing was overwritten)")
+    return out
+
+
+def claim_output_dir(out: Path, record: dict, resume: bool):
+    """Rank 0, once the inputs are validated: create the run directory, lock it (one run at a time) and check or
+    record what the run was started with (run.json). -> the open lock file: the lock lasts while it is open, and
+    the OS drops it when the process ends however it ends, so a killed run never blocks the next one."""
+    import fcntl
+    import socket
+    key = out.resolve()
+    lock = _HELD_LOCKS.get(key)
+    if lock is None or lock.closed:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / "run.lock", "a+")
+        except OSError as e:
+            raise os_error("--output-dir", out, e) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UserError(f"--output-dir {out}: another run ({holder}) is using it; wait for it to end or choose "
+                            f"another --output-dir") from None
+        except OSError as e:  # a filesystem without flock (some network mounts): run unlocked rather than never
+            print0(f"warning: cannot lock {out / 'run.lock'} ({e.strerror}); make sure no other run uses {out}")
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        except OSError as e:
+            lock.close()
+            raise os_error("--output-dir", out, e) from None
+        _HELD_LOCKS[key] = lock
+    try:
+        # checked again under the lock: a run started at the same moment may have written since resolve_output_dir
+        if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+            raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
+                            f"another --output-dir (nothing was overwritten)")
+        saved_path = out / "run.json"
+        if resume and saved_path.exists():
+            try:
+                saved = json.loads(saved_path.read_text())
+            except (OSError, ValueError):
+                saved = None
+            if not isinstance(saved, dict):
+                raise UserError(f"{saved_path}: unreadable (what this run was started with); restore it or move the "
+                                f"run away")
+            check_run_record(out, saved, record)
+            if all(saved.get(k) == v for k, v in record.items()):
+                return lock
+        tmp = saved_path.with_name(f"run.json.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, saved_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise os_error("--output-dir", out, e) from None
+    except UserError:
+        release_lock(lock)
+        raise
+    return lock
+
+
+def check_run_record(out: Path, saved: dict, record: dict) -> None:
+    """--resume continues the run that is there: the same script, model, LoRA and state-shaping flags, or one line
+    naming both values (the saved weights would not fit, or would silently be another run's)."""
+    if saved.get("script", record["script"]) != record["script"]:
+        raise UserError(f"--output-dir {out}: holds a {saved['script']}.py run (run.json); {record['script']}.py "
+                        f"cannot resume it. Start a new run, e.g. with --model {out / 'final'}")
+    shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+    for key, value in record.items():
+        if key in saved and saved[key] != value:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"--resume: {flag} {shown(value)}, but {out} was started with {flag} {shown(saved[key])} "
+                            f"(its run.json); resume with the same {flag} or choose another --output-dir")
+
+
+def release_lock(lock) -> None:
+    if lock is not None and not lock.closed:
+        for key, held in list(_HELD_LOCKS.items()):
+            if held is lock:
+                del _HELD_LOCKS[key]
+        lock.close()  # closing the file drops the flock
+
+
+def merged_lora_copy(peft_model: nn.Module, state: dict) -> nn.Module:
+    """A CPU copy of a LoRA model with the adapters merged into the base weights (W + scale B A), built from the
+    gathered full state dict, so it works whether the live model is sharded or not."""
+    from peft import get_peft_model
+    base = peft_model.get_base_model()
+    with quiet_peft():
+        fresh = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
+    fresh.load_state_dict(state)
+    return fresh.merge_and_unload()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import common
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, script_args, write_prompt_task
@@ -281,7 +282,7 @@ def test_peft_wrapping_raises_no_future_warning(tiny_model_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = common.add_lora(model, args)
-        common.merged_lora_copy(peft_model, peft_model.state_dict())
+        checkpoint.merged_lora_copy(peft_model, peft_model.state_dict())
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 

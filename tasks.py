@@ -124,3 +124,14 @@ def greedy_accuracy(model: nn.Module, tok, task: str, autocast, dist_info: DistI
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     return (counts[0] / counts[1].clamp(min=1)).item(), replies
+
+
+def greedy_eval(trainer) -> dict[str, float]:
+    """A trainer's eval on a built-in task: {"greedy_accuracy": ...} on the held-out questions (a few replies
+    printed); {} on any other dataset."""
+    if not is_task(trainer.args.dataset):
+        return {}
+    acc, replies = greedy_accuracy(trainer.model, trainer.tokenizer, trainer.args.dataset, trainer.autocast,
+                                   trainer.dist, synced=trainer.fsdp, gather=trainer.args.gather_for_generation)
+    trainer.write("  sample replies: " + "; ".join(replies[:4]))
+    return {"greedy_accuracy": acc}

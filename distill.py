@@ -47,8 +47,8 @@ class Args(TrainArgs):
     """generalized JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)"""
     temperature: float = 0.9
     """sampling temperature, and the temperature of both distributions in the loss"""
-    max_new_tokens: int = 16
-    """longest sampled completion"""
+    max_new_tokens: int = 8
+    """longest sampled completion (the task's replies: a number, or a short sentence)"""
     num_shots: int = 4
     """context distillation: solved training questions the teacher sees before each question"""
     padding_free: bool = True
@@ -58,13 +58,13 @@ class Args(TrainArgs):
     """completion positions per chunk of the loss: only a chunk's logits are ever in fp32 (recomputed in backward)"""
     batch_size: int = 8
     """sequences per device per micro-batch"""
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-5
     """peak AdamW learning rate"""
-    total_steps: int = 40
+    total_steps: int = 30
     """optimizer steps (0 = run only the step-0 eval)"""
-    warmup_steps: int = 4
+    warmup_steps: int = 3
     """linear warm-up steps of the scheduler"""
-    eval_every: int = 20
+    eval_every: int = 0
     """steps between evals (0 = only at start and end)"""
     log_every: int = 5
     """steps between log lines / metrics.jsonl records"""

@@ -1,0 +1,159 @@
+"""Distillation (GKD): the generalized JSD against hand computations at beta 0, 0.5, 1, the chunked loss == the
+plain one (values and gradients), teacher == student gives loss 0, --lmbda 0 / 1 train on the data's / the student's
+own completions, an in-process smoke run with a separate teacher, and bad flags as one line."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import UserError
+from conftest import build_model, build_tokenizer, read_metrics
+from distill import Args, DistillTrainer, generalized_jsd
+
+
+def distill_args(model, data, out, **kw):
+    base = dict(model=model, dataset=data, output_dir=str(out), precision="fp32", batch_size=4, total_steps=2,
+                learning_rate=1e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0, max_length=64,
+                max_prompt_length=32, seed=3, eval_size=4, max_new_tokens=6)
+    return Args(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill") / "rows.jsonl"
+    with open(path, "w") as f:
+        for i in range(24):
+            prompt = f"add {i % 7} and {i % 5}:"
+            if i % 2:
+                row = {"prompt": [{"role": "user", "content": prompt}],
+                       "completion": [{"role": "assistant", "content": str(i % 7 + i % 5)}]}
+            else:
+                row = {"prompt": prompt, "completion": f" {i % 7 + i % 5}"}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher with the tiny model's tokenizer but other (seeded) weights."""
+    d = tmp_path_factory.mktemp("teacher")
+    tok = build_tokenizer()
+    build_model(len(tok), seed=11).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+# --- the loss ---------------------------------------------------------------------------------------------------------
+def test_jsd_matches_hand_computation():
+    p_s, p_t = [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]
+    s, t = torch.tensor([p_s]).log(), torch.tensor([p_t]).log()  # logits whose softmax is p (T = 1)
+    kl = lambda p, q: sum(a * math.log(a / b) for a, b in zip(p, q))  # noqa: E731
+    m = [0.5 * a + 0.5 * b for a, b in zip(p_t, p_s)]
+    cases = {0.0: kl(p_t, p_s), 1.0: kl(p_s, p_t), 0.5: 0.5 * kl(p_t, m) + 0.5 * kl(p_s, m)}
+    b = 0.3
+    m3 = [b * a + (1 - b) * c for a, c in zip(p_t, p_s)]  # m = beta p_T + (1 - beta) p_S
+    cases[b] = b * kl(p_t, m3) + (1 - b) * kl(p_s, m3)
+    for beta, want in cases.items():
+        torch.testing.assert_close(generalized_jsd(s, t, beta), torch.tensor([want]), msg=f"beta {beta}")
+    # temperature divides both logits before the softmax
+    torch.testing.assert_close(generalized_jsd(2 * s, 2 * t, 0.0, temperature=2.0), torch.tensor([cases[0.0]]))
+    assert cases[0.0] != pytest.approx(cases[1.0])  # the two KL directions differ on these distributions
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_jsd_equals_plain(beta):
+    torch.manual_seed(0)
+    s = torch.randn(11, 37, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(11, 37, dtype=torch.float64)
+    w = torch.rand(11, dtype=torch.float64)
+    plain = generalized_jsd(s, t, beta, 0.7, chunk=None)
+    (g_plain,) = torch.autograd.grad((plain * w).sum(), s)
+    chunked = generalized_jsd(s, t, beta, 0.7, chunk=3)
+    (g_chunked,) = torch.autograd.grad((chunked * w).sum(), s)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(g_chunked, g_plain)
+    # and the plain path is the textbook definition written out with F.kl_div
+    ls, lt = F.log_softmax(s / 0.7, -1), F.log_softmax(t / 0.7, -1)
+    want = {0.0: (lt.exp() * (lt - ls)).sum(-1), 1.0: (ls.exp() * (ls - lt)).sum(-1)}.get(beta)
+    if want is None:
+        lm = (0.5 * lt.exp() + 0.5 * ls.exp()).log()
+        want = 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+    torch.testing.assert_close(plain, want)
+    assert (plain >= 0).all()
+
+
+# --- the trainer ------------------------------------------------------------------------------------------------------
+def trained_texts(trainer) -> list[str]:
+    """The completions of every micro-batch the trainer trains on, as text."""
+    seen, make = [], trainer.make_batch
+
+    def wrapped(examples):
+        seen.extend(trainer.tokenizer.decode(e["completion"]) for e in examples)
+        return make(examples)
+    trainer.make_batch = wrapped
+    return seen
+
+
+def test_teacher_equal_to_student_gives_zero_loss(tiny_model_dir, rows_file, tmp_path):
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", teacher=tiny_model_dir,
+                                          total_steps=0, lmbda=1.0, beta=0.5))
+    out = trainer.training_step()  # on-policy samples, teacher == student at step 0
+    assert out.metrics["loss"].total == pytest.approx(0.0, abs=1e-6)
+    assert float(out.metrics["teacher_logps"].total) == pytest.approx(float(out.metrics["student_logps"].total),
+                                                                        abs=1e-5)
+    trainer.release_output_dir()
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_lmbda_chooses_data_or_sampled_completions(tiny_model_dir, rows_file, tmp_path, lmbda):
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", teacher=tiny_model_dir,
+                                          lmbda=lmbda, learning_rate=1e-5))
+    data = {trainer.tokenizer.decode(e["completion"]) for e in trainer.train_data}
+    trainer.eval_data = []  # only training batches reach make_batch
+    seen = trained_texts(trainer)
+    trainer.train()
+    train = [m for m in read_metrics(tmp_path / "o") if "train/loss" in m]
+    assert [m["train/on_policy_fraction"] for m in train] == [lmbda, lmbda]
+    assert len(seen) == 8
+    on_data = sum(t in data for t in seen)
+    # the random tiny model's samples are never one of the data's short answers + EOS
+    assert on_data == (8 if lmbda == 0 else 0)
+
+
+def test_on_policy_rows_are_seeded_per_stream_position(tiny_model_dir, rows_file, tmp_path):
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", teacher=tiny_model_dir,
+                                          lmbda=0.5, total_steps=0))
+    picks = [trainer.on_policy(p) for p in range(400)]
+    assert 150 < sum(picks) < 250 and picks == [trainer.on_policy(p) for p in range(400)]
+    trainer.release_output_dir()
+
+
+def test_smoke_with_another_teacher(tiny_model_dir, other_teacher, rows_file, tmp_path):
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", teacher=other_teacher,
+                                          total_steps=4, lmbda=0.5, gradient_accumulation_steps=2, eval_every=2))
+    trainer.train()
+    metrics = read_metrics(tmp_path / "o")
+    train = [m for m in metrics if "train/loss" in m]
+    assert len(train) == 4
+    for m in train:
+        assert m["train/loss"] > 0 and math.isfinite(m["train/grad_norm"])
+        assert m["train/teacher_logps"] < 0 and m["train/student_logps"] < 0
+        assert m["train/completions/mean_length"] >= 1 and 0 <= m["train/on_policy_fraction"] <= 1
+    evals = [m for m in metrics if "eval/loss" in m]
+    assert len(evals) == 3 and evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # the student moves toward the teacher
+    assert (tmp_path / "o" / "final" / "config.json").exists()
+
+
+def test_bad_flags_are_one_line(tiny_model_dir, other_teacher, rows_file, tmp_path, tmp_path_factory):
+    for kw, match in [({"lmbda": 1.5}, r"--lmbda 1.5: must be in \[0, 1\]"),
+                      ({"beta": -0.1}, r"--beta -0.1: must be in \[0, 1\]"),
+                      ({"temperature": 0.0}, r"--temperature 0.0: must be > 0"),
+                      ({}, r"--dataset .*rows.jsonl: pass --teacher")]:
+        with pytest.raises(UserError, match=match):
+            DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", **kw))
+    small = tmp_path_factory.mktemp("small_vocab")
+    build_model(50).save_pretrained(small)
+    with pytest.raises(UserError, match=r"--teacher .*: vocabulary of 50 tokens, the student's has"):
+        DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o2", teacher=str(small)))

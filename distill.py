@@ -267,13 +267,7 @@ class DistillTrainer(BaseTrainer):
 
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate() if self.eval_data else {}
-        if tasks.is_task(self.args.dataset):
-            acc, replies = tasks.greedy_accuracy(self.model, self.tokenizer, self.args.dataset, self.autocast,
-                                                 self.dist, synced=self.fsdp,
-                                                 gather=self.args.gather_for_generation)
-            metrics["greedy_accuracy"] = acc
-            self.write("  sample replies: " + "; ".join(replies[:4]))
-        return metrics
+        return metrics | tasks.greedy_eval(self)
 
 
 def main(args: Args | None = None) -> DistillTrainer:

@@ -12,14 +12,15 @@ Both sides see the same prompts in the same order. The worker reports the second
 (generation / scoring / log-probs / update), the generated tokens and the peak RSS; the parent writes the table to
 benchmarks/results_grpo.md.
 
-The TRL worker is harness.worker_trl_grpo, the one bench_ppo.py runs (here with num_iterations=1); this file adds our
-GRPO worker and the table. It imports nothing at module level beyond the standard library and harness.py, so the TRL
-venv needs neither tyro nor this repo's requirements.
+The TRL worker is harness.worker_trl_grpo, the one bench_ppo.py runs (here with num_iterations=1); ours is
+harness.worker_ours_grpo (bench_family.py runs both for GSPO); this file adds the table. It imports nothing at
+module level beyond the standard library and harness.py, so the TRL venv needs neither tyro nor this repo's
+requirements.
 """
 from __future__ import annotations
 
 import harness
-from harness import SPLIT_KEYS, config_name, memory_report, repo_on_path
+from harness import config_name
 
 TARGET_SPEEDUP = 4.0  # the target: episodes/s >= 4x TRL's, at its defaults and at its best; peak RSS <= TRL's
 
@@ -40,44 +41,6 @@ CONFIGS = {
 }
 # ours runs before and after each TRL configuration, so a drift of the machine shows up on both sides
 DEFAULT_ORDER = ["ours", "trl-defaults", "ours", "trl-best", "ours"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Our worker (TRL's is harness.worker_trl_grpo)
-
-
-def worker_ours(spec: dict) -> dict:
-    repo_on_path()
-    import torch
-
-    import grpo
-
-    n_steps = spec["warmup_steps"] + spec["timed_steps"]
-    g = spec["num_generations"]
-    kwargs = dict(model=spec["model"], dataset="arithmetic", output_dir=spec["output_dir"], total_steps=n_steps,
-                  batch_size=spec["batch_size"] // g, num_generations=g, max_new_tokens=spec["max_new_tokens"],
-                  temperature=spec["temperature"], top_p=1.0, loss_type=grpo.LossType.dapo, beta=0.0,
-                  num_iterations=spec["num_iterations"], gradient_accumulation_steps=1, precision="bf16", seed=1,
-                  log_every=10 ** 9, eval_every=0)
-    args = grpo.Args(**kwargs | spec["ours_kwargs"])
-    trainer, setup_s = harness.build_ours(grpo.GRPOTrainer, args, spec["num_task_prompts"])
-    trainer.sampler = harness.ListSampler(spec["ours_steps"])  # indices into the built-in prompts, per iteration
-    notes = []
-    dtype = next(trainer.model.parameters()).dtype
-    if dtype != torch.float32:
-        notes.append(f"policy weights are {dtype}")
-    # grpo.py repeats each prompt G times, groups contiguous (as TRL)
-    prompts = [[trainer.train_data[j]["prompt"][-1]["content"] for j in step for _ in range(g)]
-               for step in spec["ours_steps"]]
-    times, outs, reset_ok = harness.timed_steps(trainer, n_steps, torch)
-    if any(o.num_samples != spec["batch_size"] for o in outs):
-        raise RuntimeError(f"ours ran {[o.num_samples for o in outs]} episodes, expected {spec['batch_size']}")
-    return memory_report(torch, reset_ok) | {
-        "iter_s": times, "gen_tokens": [round(o.metrics["completions/mean_length"] * o.num_samples) for o in outs],
-        "split": {k: [o.metrics[f"time/{k}"] for o in outs] for k in SPLIT_KEYS}, "prompts": prompts,
-        "setup_s": setup_s, "optimizer_steps_per_iter": args.num_iterations,
-        "rewards": [o.metrics["reward"] for o in outs], "notes": notes, "learning_rate": args.learning_rate,
-        "padding_free": args.padding_free, "precision": args.precision}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -164,7 +127,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (both sides)")
     p.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per generation (both sides)")
     a = p.parse_args()
-    if harness.run_as_worker(a, worker_ours, harness.worker_trl_grpo):
+    if harness.run_as_worker(a, harness.worker_ours_grpo, harness.worker_trl_grpo):
         return
     if a.num_generations < 2 or a.batch_size % a.num_generations:
         raise SystemExit(f"--num-generations {a.num_generations}: must be >= 2 and divide --batch-size {a.batch_size}")

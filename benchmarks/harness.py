@@ -212,7 +212,7 @@ class SequentialSampler:
     def __init__(self, n: int, bs: int):
         self.n, self.bs, self.consumed = n, bs, 0
 
-    def next_indices(self) -> list[int]:
+    def next_indices(self, all_ranks: bool = False) -> list[int]:  # one process: all ranks' rows are its own
         idx = [(self.consumed + i) % self.n for i in range(self.bs)]
         self.consumed += self.bs
         return idx
@@ -450,6 +450,42 @@ def trl_step_timer(state: dict, torch):
             state["t_prev"] = now
     state.setdefault("times", [])
     return StepTimer()
+
+
+def worker_ours_grpo(spec: dict) -> dict:
+    """Our grpo.py on the built-in arithmetic prompts, iteration s on prompts spec["ours_steps"][s]: per iteration
+    the seconds, where they went (the step's own time/* metrics), the generated tokens and the episode prompts."""
+    repo_on_path()
+    import torch
+
+    import grpo
+
+    n_steps = spec["warmup_steps"] + spec["timed_steps"]
+    g = spec["num_generations"]
+    kwargs = dict(model=spec["model"], dataset="arithmetic", output_dir=spec["output_dir"], total_steps=n_steps,
+                  batch_size=spec["batch_size"] // g, num_generations=g, max_new_tokens=spec["max_new_tokens"],
+                  temperature=spec["temperature"], top_p=1.0, loss_type=grpo.LossType.dapo, beta=0.0,
+                  num_iterations=spec["num_iterations"], gradient_accumulation_steps=1, precision="bf16", seed=1,
+                  log_every=10 ** 9, eval_every=0)
+    args = grpo.Args(**kwargs | spec["ours_kwargs"])
+    trainer, setup_s = build_ours(grpo.GRPOTrainer, args, spec["num_task_prompts"])
+    trainer.sampler = ListSampler(spec["ours_steps"])  # indices into the built-in prompts, per iteration
+    notes = []
+    dtype = next(trainer.model.parameters()).dtype
+    if dtype != torch.float32:
+        notes.append(f"policy weights are {dtype}")
+    # grpo.py repeats each prompt G times, groups contiguous (as TRL)
+    prompts = [[trainer.train_data[j]["prompt"][-1]["content"] for j in step for _ in range(g)]
+               for step in spec["ours_steps"]]
+    times, outs, reset_ok = timed_steps(trainer, n_steps, torch)
+    if any(o.num_samples != spec["batch_size"] for o in outs):
+        raise RuntimeError(f"ours ran {[o.num_samples for o in outs]} episodes, expected {spec['batch_size']}")
+    return memory_report(torch, reset_ok) | {
+        "iter_s": times, "gen_tokens": [round(o.metrics["completions/mean_length"] * o.num_samples) for o in outs],
+        "split": {k: [o.metrics[f"time/{k}"] for o in outs] for k in SPLIT_KEYS}, "prompts": prompts,
+        "setup_s": setup_s, "optimizer_steps_per_iter": args.num_iterations,
+        "rewards": [o.metrics["reward"] for o in outs], "notes": notes, "learning_rate": args.learning_rate,
+        "padding_free": args.padding_free, "precision": args.precision}
 
 
 def worker_trl_grpo(spec: dict) -> dict:

@@ -61,7 +61,7 @@ class Args(TrainArgs):
     """sequences per device per micro-batch"""
     learning_rate: float = 3e-5
     """peak AdamW learning rate"""
-    total_steps: int = 30
+    total_steps: int = 20
     """optimizer steps (0 = run only the step-0 eval)"""
     warmup_steps: int = 3
     """linear warm-up steps of the scheduler"""
@@ -122,10 +122,11 @@ TEACHER_KEYS = ("input_ids", "attention_mask", "position_ids", "keep", "logit_in
 
 def few_shot_prompt(task: str, q: tuple[int, ...], num_shots: int) -> list[dict]:
     """The teacher's prompt for context distillation: num_shots solved training questions (fixed, never q itself),
-    then q, as one chat conversation."""
+    then q, as one chat conversation. The solved replies are sentences ("The answer is 12."): a small model adds up
+    better after a few words than with the number as its first token (the verifier reads the first integer anyway)."""
     pool = tasks.questions(task, held_out=False)
     shots = [s for s in random.Random(7).sample(pool, num_shots + 1) if s != q][:num_shots]
-    turns = [m for s in shots for m in tasks.prompt(s) + [{"role": "assistant", "content": str(sum(s))}]]
+    turns = [m for s in shots for m in tasks.prompt(s) + [{"role": "assistant", "content": f"The answer is {sum(s)}."}]]
     return turns + tasks.prompt(q)
 
 

@@ -1,6 +1,7 @@
 """Distillation (GKD): the generalized JSD against hand computations at beta 0, 0.5, 1, the chunked loss == the
 plain one (values and gradients), teacher == student gives loss 0, --lmbda 0 / 1 train on the data's / the student's
-own completions, an in-process smoke run with a separate teacher, and bad flags as one line."""
+own completions, an in-process smoke run with a separate teacher, torchrun x2 (gloo) == one process (gradients and
+metrics; on-policy rows picked alike), and bad flags as one line."""
 import json
 import math
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from common import UserError
-from conftest import build_model, build_tokenizer, read_metrics
+from conftest import (build_model, build_tokenizer, capture_grads, read_metrics, run, tiny_flags,
+                      torchrun_grads_match)
 from distill import Args, DistillTrainer, generalized_jsd
 
 
@@ -41,6 +43,22 @@ def other_teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
     tok = build_tokenizer()
     build_model(len(tok), seed=11).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny model with its weights scaled up: its replies depend on the context, so a few-shot teacher and the
+    bare student differ from step 0 (the plain tiny model's nearly equal distributions leave gradients that are
+    differences of almost equal numbers, whose rounding Adam's first steps amplify)."""
+    d = tmp_path_factory.mktemp("sharp")
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    model.save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
 
@@ -157,3 +175,48 @@ def test_bad_flags_are_one_line(tiny_model_dir, other_teacher, rows_file, tmp_pa
     build_model(50).save_pretrained(small)
     with pytest.raises(UserError, match=r"--teacher .*: vocabulary of 50 tokens, the student's has"):
         DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o2", teacher=str(small)))
+
+
+def test_torchrun_gradients_and_metrics_equal_one_process(sharp_model_dir, tmp_path):
+    """1 process, batch 4 == DDP x2 (gloo), batch 2 each, with accumulation 2, on the default path (context
+    distillation on the built-in task, the teacher's few-shot prompts packed apart from the student's): the loss is a
+    mean over the step's completion tokens on all ranks, and the ranks' rows hold different numbers of them ("7" and
+    "12"), so every step's gradients match only if the token count is summed over ranks; so do the logged metrics
+    and the eval (the held-out loss and greedy accuracy, questions split over ranks). --lmbda 0: sampled
+    completions come from each rank's own RNG, so they cannot match a single process's."""
+    common = dict(gradient_accumulation_steps=2, max_grad_norm=0.0, lmbda=0.0, total_steps=3,
+                  eval_every=3, save_every=0, num_shots=2, max_length=96, max_prompt_length=80)
+    single = DistillTrainer(distill_args(sharp_model_dir, "arithmetic", tmp_path / "single", batch_size=4, **common))
+    grads = capture_grads(single)
+    single.train()
+    flags = tiny_flags(sharp_model_dir, "arithmetic", tmp_path / "ddp", batch_size=2, seed=3, max_new_tokens=6,
+                       **common)
+    torchrun_grads_match("distill", flags, tmp_path / "ddp.pt", 29581, grads)
+    m1, m2 = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2]
+    keys = ("loss", "student_logps", "teacher_logps", "on_policy_fraction", "completions/mean_length", "grad_norm",
+            "greedy_accuracy")
+    compared = 0
+    for a, b in zip(m1, m2):
+        for k in a:
+            if k.split("/", 1)[-1] in keys:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+                compared += 1
+    assert compared >= 3 * 6 + 2 and any(m.get("train/loss", 0) > 0 for m in m1)
+
+
+def test_torchrun_picks_the_same_on_policy_rows(tiny_model_dir, other_teacher, rows_file, tmp_path):
+    """--lmbda 0.5 under torchrun x2: which rows are sampled is decided per place in the data stream, so each step's
+    on-policy fraction equals one process's (the samples themselves come from each rank's RNG and differ)."""
+    common = dict(teacher=other_teacher, lmbda=0.5, total_steps=4, eval_every=0, save_every=0, max_length=64,
+                  max_prompt_length=32)
+    single = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "single", batch_size=4, **common))
+    single.train()
+    flags = tiny_flags(tiny_model_dir, rows_file, tmp_path / "ddp", batch_size=2, seed=3, max_new_tokens=6,
+                       eval_size=4, **common)
+    r = run(["torchrun", "--nproc_per_node=2", "--master_port=29583", "distill.py"] + flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fractions = [[m["train/on_policy_fraction"] for m in read_metrics(tmp_path / d) if "train/loss" in m]
+                 for d in ("single", "ddp")]
+    assert len(fractions[0]) == 4 and 0 < sum(fractions[0]) < 4  # some rows of each kind
+    assert fractions[0] == fractions[1]

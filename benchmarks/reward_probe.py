@@ -9,8 +9,9 @@ On the held-out pairs of `tasks.preference_rows` (every wrong candidate per ques
 
 1. the SFT model's own log-likelihood as a classifier: log pi(chosen) > log pi(rejected);
 2. a linear probe (logistic regression on the chosen - rejected difference, trained on the training pairs) of the SFT
-   model's hidden state at the reply's end-of-turn token, the token `reward.py` scores, at every third layer: can a
-   score head read correctness off the SFT model without retraining the backbone?
+   model's hidden state at every third layer, read at the reply's end-of-turn token (the token `reward.py` scores), at
+   the answer's last token (the one before it) and averaged over the reply: can a score head read correctness off the
+   SFT model without retraining the backbone, here or at another pooling?
 3. each trained reward model's accuracy (scored where `reward.py` scores: the last token).
 
 Sequences are tokenized as the scripts do (`packing.tokenize_completions`).
@@ -47,11 +48,18 @@ def logp(model, prompt: list[int], completion: list[int]) -> float:
     return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).sum().item()
 
 
+POOLINGS = {  # where in the reply a probe reads the hidden state; the reply is the answer's tokens + end-of-turn
+    "the end-of-turn token": lambda h, n: h[-1],
+    "the answer's last token": lambda h, n: h[-2],
+    "the mean over the reply": lambda h, n: h[-n:].mean(0),
+}
+
+
 @torch.no_grad()
-def last_hidden(model, ids: list[int]) -> torch.Tensor:
-    """[layers + 1, H] hidden states at the last token (the reply's end-of-turn token)."""
+def reply_hidden(model, ids: list[int], n: int) -> dict[str, torch.Tensor]:
+    """pooling -> [layers + 1, H] hidden states of a sequence whose last n tokens are the reply."""
     hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    return torch.stack([h[0, -1].float() for h in hs])
+    return {k: torch.stack([pool(h[0].float(), n) for h in hs]) for k, pool in POOLINGS.items()}
 
 
 def split_acc(correct: torch.Tensor, near: torch.Tensor) -> str:
@@ -78,12 +86,16 @@ def main() -> None:
     correct = torch.tensor([logp(sft, pr, c) > logp(sft, pr, r) for pr, c, r, _ in held])
     print(f"| SFT log-likelihood, log pi(chosen) > log pi(rejected) | {split_acc(correct, near)} |")
 
-    def diffs(rows):  # [N, layers + 1, H]
-        return torch.stack([last_hidden(sft, pr + c) - last_hidden(sft, pr + r) for pr, c, r, _ in rows])
+    def diffs(rows):  # pooling -> [N, layers + 1, H]
+        out = []
+        for pr, c, r, _ in rows:
+            hc, hr = reply_hidden(sft, pr + c, len(c)), reply_hidden(sft, pr + r, len(r))
+            out.append({k: hc[k] - hr[k] for k in POOLINGS})
+        return {k: torch.stack([d[k] for d in out]) for k in POOLINGS}
 
-    d_train, d_held = diffs(train), diffs(held)
-    for layer in range(3, d_train.shape[1], 3):  # layer 0 is the token embedding: the same for both
-        x, y = d_train[:, layer], d_held[:, layer]
+    all_train, all_held = diffs(train), diffs(held)
+    for pooling, layer in [(p, i) for p in POOLINGS for i in range(3, all_train[p].shape[1], 3)]:
+        x, y = all_train[pooling][:, layer], all_held[pooling][:, layer]  # layer 0: the token embedding
         scale = x.std(0) + 1e-3
         x, y = x / scale, y / scale
         w = torch.zeros(x.shape[1], requires_grad=True)
@@ -96,7 +108,7 @@ def main() -> None:
             return loss
 
         opt.step(closure)
-        print(f"| linear probe, SFT hidden state at the end-of-turn token, layer {layer} "
+        print(f"| linear probe, SFT hidden state at {pooling}, layer {layer} "
               f"(train {((x @ w) > 0).float().mean():.2f}) | {split_acc((y @ w).detach() > 0, near)} |")
 
     for path in a.reward_models:

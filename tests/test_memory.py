@@ -46,7 +46,8 @@ def test_memory_plan_matches_measured_memory(pairs_file, tmp_path):
     """DPO (policy + reference), fp32, one process and FSDP x2 (gloo): resident memory taken by building the trainer
     is the plan's parameters + reference, and the peak over two training steps is its gradients + AdamW (+ the
     gathered unit), each within -5% / +25% (load) and -5% / +50% (train: activations and optimizer temporaries are
-    not planned); FSDP x2 takes at most 0.65x of one process per rank."""
+    not planned); FSDP x2 takes at most 0.7x of one process per rank (0.5x of the planned state plus a gathered unit;
+    activations and temporaries do not shrink with ranks, and one process's own peak varies by ~0.1 GB run to run)."""
     _big_model(tmp_path / "model")
     flags = [f"--model={tmp_path / 'model'}", f"--dataset={pairs_file}", "--precision=fp32", "--batch-size=1",
              "--max-length=64", "--max-prompt-length=32", "--total-steps=2", "--eval-size=4", "--save-every=0",
@@ -71,4 +72,5 @@ def test_memory_plan_matches_measured_memory(pairs_file, tmp_path):
             assert 0.95 * train <= m["train"] <= 1.5 * train, (name, m["train"] / GB, train / GB)
     single = measured["single"][0]
     for m in measured["fsdp"]:
-        assert m["load"] + m["train"] <= 0.65 * (single["load"] + single["train"])
+        ratio = (m["load"] + m["train"]) / (single["load"] + single["train"])
+        assert ratio <= 0.7, (ratio, m, single)

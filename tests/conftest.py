@@ -222,10 +222,11 @@ def write_prompt_task(d: Path, n: int = 24) -> Path:
     return d
 
 
-def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
+def fixed_grpo_rollout(trainer, groups: list[int], old_policy_shift: float = 0.0) -> dict:
     """A deterministic GRPO rollout (no sampling) of train prompts `groups`: ragged completions, some without EOS,
     each group's rewards fixed by its index (group 0: all equal). The same global group gets the same rollout on any
-    rank, so a rank's share of a global batch is exactly its groups' rollouts."""
+    rank, so a rank's share of a global batch is exactly its groups' rollouts. old_policy_shift > 0 (with
+    --num-iterations > 1) moves the old policy's log-probs by seeded noise of that size, so ratios differ from 1."""
     from rollout import truncate_after_eos
     G, L, eos = trainer.args.num_generations, trainer.args.max_new_tokens, trainer.tokenizer.eos_token_id
     examples, comps, rewards = [], [], []
@@ -243,6 +244,9 @@ def fixed_grpo_rollout(trainer, groups: list[int]) -> dict:
     t = trainer.build_rollout(examples, trainer.make_batch(examples), completions, mask, has_eos,
                               torch.tensor(rewards))
     t.pop("zero_std")
+    if old_policy_shift:
+        noise = [torch.randn(G, L, generator=torch.Generator().manual_seed(200 + g)) for g in groups]
+        t["old_logps"] = t["old_logps"] + old_policy_shift * torch.cat(noise)[:, :t["old_logps"].shape[1]]
     return t
 
 

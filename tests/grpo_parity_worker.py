@@ -1,5 +1,6 @@
-"""GRPO under torchrun: the gradients of one update on a fixed rollout for every --loss-type (this rank's share of
-global groups 0-3), then a short training run (a smoke test of the whole loop on several ranks).
+"""GRPO under torchrun: the gradients of one update on a fixed rollout for every --loss-type, with token- and
+sequence-level (GSPO) importance sampling (this rank's share of global groups 0-3), then a short training run (a smoke
+test of the whole loop on several ranks).
 
     torchrun --nproc_per_node 2 tests/grpo_parity_worker.py OUT.pt [grpo.py flags]
 """
@@ -13,18 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_main  # noqa: E402
 from conftest import fixed_grpo_rollout, update_grads  # noqa: E402
-from grpo import Args, GRPOTrainer, LossType  # noqa: E402
+from grpo import Args, GRPOTrainer, ImportanceSamplingLevel, LossType  # noqa: E402
 
 
 def worker():
     out, args = sys.argv[1], tyro.cli(Args, args=sys.argv[2:])
     trainer = GRPOTrainer(args)
     rank, world = trainer.dist.rank, trainer.dist.world_size
-    t = fixed_grpo_rollout(trainer, list(range(4))[rank::world])
+    t = fixed_grpo_rollout(trainer, list(range(4))[rank::world], old_policy_shift=0.1)
     grads = {}
-    for loss_type in LossType:
-        trainer.args.loss_type = loss_type
-        grads[loss_type.value] = update_grads(trainer, trainer.micro_batches(t))
+    for level in ImportanceSamplingLevel:  # token: GRPO and its variants; sequence: GSPO
+        trainer.args.importance_sampling_level = level
+        for loss_type in LossType:
+            trainer.args.loss_type = loss_type
+            grads[f"{loss_type}/{level}"] = update_grads(trainer, trainer.micro_batches(t))
+    trainer.args.importance_sampling_level = ImportanceSamplingLevel.token
     trainer.train()
     if trainer.dist.is_main:
         torch.save({"grads": grads}, out)

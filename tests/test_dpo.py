@@ -189,6 +189,26 @@ def test_simpo_orpo_smoke_run_without_reference(tiny_model_dir, pairs_file, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss_type,beta,port", [("simpo", 2.0, 29571), ("orpo", 0.1, 29573)])
+def test_simpo_orpo_torchrun_equals_one_process(tiny_model_dir, pairs_file, tmp_path, loss_type, beta, port):
+    """torchrun x2 (gloo, DDP, batch 2 per rank) sees the gradients, logged losses and margins of 1 process x batch 4 at
+    every step: the length-averaged log-probs and ORPO's NLL term are per pair, so each rank's mean is its share."""
+    from test_scaling import assert_same, launch
+    common = dict(model=tiny_model_dir, data=pairs_file, loss_type=loss_type, beta=beta, max_grad_norm=0.0,
+                  learning_rate=1e-4)
+    single = launch(tmp_path / "single.pt", tmp_path / "single", batch_size=4, **common)
+    ddp = launch(tmp_path / "ddp.pt", tmp_path / "ddp", nproc=2, port=port, batch_size=2, strategy="ddp", **common)
+    assert len(single["grads"]) == len(ddp["grads"]) == 4
+    for step, (g1, g2) in enumerate(zip(single["grads"], ddp["grads"]), 1):
+        assert_same(g1, g2, f"{loss_type} grads step {step}")
+    m1, m2 = ([m for m in read_metrics(tmp_path / name) if "train/loss" in m] for name in ("single", "ddp"))
+    assert len(m1) == len(m2) == 4
+    for x, y in zip(m1, m2):
+        for k in ("train/loss", "train/rewards/margins", "train/grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.slow
 def test_smoke_run_metrics_and_hf_export(tiny_model_dir, pairs_file, tmp_path):
     r = run([sys.executable, "dpo.py", *tiny_flags(tiny_model_dir, pairs_file, tmp_path, batch_size=4,
                                                    eval_dataset=pairs_file)])

@@ -304,17 +304,24 @@ def test_smoke_run_with_reference_and_several_updates(tiny_model_dir, task_dir, 
 
 @pytest.mark.slow
 def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path, monkeypatch):
-    """DDP x2 (two groups per rank) gives the 1-process gradients of a 4-group update for every
-    loss type; the same launch then trains (smoke); a reward function that fails stops both ranks with one line."""
+    """DDP x2 (two groups per rank) gives the 1-process gradients of a 4-group update for every loss type, with
+    token- and sequence-level (GSPO) ratios away from 1; the same launch then trains (smoke); a reward function that
+    fails stops both ranks with one line."""
     monkeypatch.syspath_prepend(str(task_dir))
     common = dict(max_grad_norm=0.0, beta=0.1, num_iterations=2, mask_truncated_completions=True,
                   scale_rewards="batch")
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path / "single", **common))
-    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
+    t = fixed_grpo_rollout(tr, [0, 1, 2, 3], old_policy_shift=0.1)
     single = {}
-    for lt in LossType:
-        tr.args.loss_type = lt
-        single[lt.value] = update_grads(tr, tr.micro_batches(t))
+    for level in ImportanceSamplingLevel:
+        tr.args.importance_sampling_level = level
+        for lt in LossType:
+            tr.args.loss_type = lt
+            single[f"{lt}/{level}"] = update_grads(tr, tr.micro_batches(t))
+    assert len(single) == 2 * len(LossType)
+    for lt in LossType:  # ratios away from 1: the sequence-level gradient is not the token-level one
+        g_tok, g_seq = single[f"{lt}/token"], single[f"{lt}/sequence"]
+        assert any(not torch.allclose(g_tok[n], g_seq[n], rtol=1e-3, atol=1e-7) for n in g_tok), lt
     env = ENV | {"PYTHONPATH": str(task_dir)}
     flags = _flags(tiny_model_dir, task_dir, tmp_path / "ddp", seed=5, **common) + ["--reward-fn=my_rewards:count_a"]
     r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29561", "tests/grpo_parity_worker.py",

@@ -250,6 +250,20 @@ def fixed_grpo_rollout(trainer, groups: list[int], old_policy_shift: float = 0.0
     return t
 
 
+def grads_per_variant(trainer, rollout: dict) -> dict:
+    """"loss_type/level" -> the synced gradients of one update on `rollout`, for every GRPO --loss-type with token-
+    and sequence-level (GSPO) importance sampling; the trainer's own flags are put back."""
+    from grpo import ImportanceSamplingLevel, LossType
+    a, grads = trainer.args, {}
+    saved = a.loss_type, a.importance_sampling_level
+    for level in ImportanceSamplingLevel:
+        for lt in LossType:
+            a.loss_type, a.importance_sampling_level = lt, level
+            grads[f"{lt}/{level}"] = update_grads(trainer, trainer.micro_batches(rollout))
+    a.loss_type, a.importance_sampling_level = saved
+    return grads
+
+
 def update_grads(trainer, micro_batches) -> dict:
     """The synced gradients of one optimizer update over micro_batches; the update itself is skipped."""
     grads, clip, step = [], trainer.clip_gradients, trainer.optimizer.step

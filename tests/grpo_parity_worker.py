@@ -13,8 +13,8 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_main  # noqa: E402
-from conftest import fixed_grpo_rollout, update_grads  # noqa: E402
-from grpo import Args, GRPOTrainer, ImportanceSamplingLevel, LossType  # noqa: E402
+from conftest import fixed_grpo_rollout, grads_per_variant  # noqa: E402
+from grpo import Args, GRPOTrainer  # noqa: E402
 
 
 def worker():
@@ -22,13 +22,7 @@ def worker():
     trainer = GRPOTrainer(args)
     rank, world = trainer.dist.rank, trainer.dist.world_size
     t = fixed_grpo_rollout(trainer, list(range(4))[rank::world], old_policy_shift=0.1)
-    grads = {}
-    for level in ImportanceSamplingLevel:  # token: GRPO and its variants; sequence: GSPO
-        trainer.args.importance_sampling_level = level
-        for loss_type in LossType:
-            trainer.args.loss_type = loss_type
-            grads[f"{loss_type}/{level}"] = update_grads(trainer, trainer.micro_batches(t))
-    trainer.args.importance_sampling_level = ImportanceSamplingLevel.token
+    grads = grads_per_variant(trainer, t)
     trainer.train()
     if trainer.dist.is_main:
         torch.save({"grads": grads}, out)

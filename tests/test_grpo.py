@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import Batch, UserError
-from conftest import ENV, ROOT, fixed_grpo_rollout, read_metrics, update_grads, write_prompt_task
+from conftest import ENV, ROOT, fixed_grpo_rollout, grads_per_variant, read_metrics, update_grads, write_prompt_task
 from grpo import (AdvantageType, Args, GRPOTrainer, ImportanceSamplingLevel, LossType, ScaleRewards, aggregate_loss,
                   clipped_token_loss, group_advantages, k3_kl, main)
 
@@ -312,12 +312,7 @@ def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path
                   scale_rewards="batch")
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path / "single", **common))
     t = fixed_grpo_rollout(tr, [0, 1, 2, 3], old_policy_shift=0.1)
-    single = {}
-    for level in ImportanceSamplingLevel:
-        tr.args.importance_sampling_level = level
-        for lt in LossType:
-            tr.args.loss_type = lt
-            single[f"{lt}/{level}"] = update_grads(tr, tr.micro_batches(t))
+    single = grads_per_variant(tr, t)
     assert len(single) == 2 * len(LossType)
     for lt in LossType:  # ratios away from 1: the sequence-level gradient is not the token-level one
         g_tok, g_seq = single[f"{lt}/token"], single[f"{lt}/sequence"]

@@ -18,6 +18,7 @@ examples of the task before the question; the student sees the bare question and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -30,10 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag,
-                    check_text, check_usable_rows, frozen_copy, load_model, print0, run_main, train_eval_rows)
-from packing import (collate_completions, encode_prompt, kept_logits, label_logps, tokenize_completions,
-                     use_segment_attention)
-from rollout import generate, left_pad
+                    check_prompt, check_text, check_usable_rows, collate_completions, encode_prompt, kept_logits,
+                    label_logps, load_model, print0, run_main, tokenize_completions, use_segment_attention)
+from rollout import sample
 
 
 @dataclass
@@ -132,13 +132,12 @@ def few_shot_prompt(task: str, q: tuple[int, ...], num_shots: int) -> list[dict]
 
 @dataclass
 class DistillBatch(Batch):
-    teacher_segments: list | None = field(default=None)
+    teacher_attention_segments: list | None = field(default=None)
     """attention segments of the teacher's packed row (its prompts differ from the student's)"""
 
 
 class DistillTrainer(BaseTrainer):
     script_name = "distill"
-    fixed_shapes = False  # sampled completions: new shapes every step
     summary_keys = ("loss", "greedy_accuracy")
     args: Args
 
@@ -157,46 +156,50 @@ class DistillTrainer(BaseTrainer):
                                 f"built-in task's solved examples: --dataset {' or '.join(tasks.TASKS)})")
             student = add_lora(student, a)
             self.init_reference(student)  # the teacher: the student at step 0 (under LoRA: adapters off)
+            self.teacher_model = None
             return student
         teacher = load_model(a.teacher, a.trust_remote_code, self.dist.local_rank, flag="--teacher", meta=self.fsdp)
         v_s, v_t = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
         if v_s != v_t:
             raise UserError(f"--teacher {a.teacher}: vocabulary of {v_t} tokens, the student's has {v_s} (the teacher "
                             f"must share the student's tokenizer)")
-        # frozen, bf16 Linear weights under bf16 (exact under autocast); the loop shards it under FSDP like a reference
         if a.padding_free:
             use_segment_attention(teacher)
-        self.ref_model = frozen_copy(teacher, a.precision, self.fsdp)
+        self.teacher_model = self.freeze(teacher)  # placed, and under FSDP sharded, like the student
         return add_lora(student, a)
+
+    @contextlib.contextmanager
+    def teacher(self):
+        """The teacher's model: --teacher, or for context distillation the student as it started (the reference)."""
+        if self.teacher_model is not None:
+            yield self.teacher_model
+        else:
+            with self.reference() as ref:
+                yield ref
 
     def setup_data(self) -> None:
         a = self.args
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.sft_rows(a.dataset, False), tasks.sft_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        train_rows, eval_rows = tasks.load_rows(a, "sft")
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
-        # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
-        torch.manual_seed(a.seed + 1000 * self.dist.rank)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         a, out, truncated, dropped = self.args, [], 0, 0
-        for loc, row in rows:
-            check_text(loc, "prompt", row.get("prompt"))
-            check_text(loc, "completion", row.get("completion"), roles=("assistant",))
+        for source, row in rows:
+            check_prompt(source, row.get("prompt"))
+            check_text(source, "completion", row.get("completion"), roles=("assistant",))
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["completion"]], a.max_length,
-                                           a.max_prompt_length, self.end_of_turn, loc)
+                                           a.max_prompt_length, self.end_of_turn, source)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is None:
                 continue
             teacher_prompt = ex["prompt"]
-            if self.context_distillation:
-                q = tuple(int(x) for x in loc.split(":")[1].split("+"))  # tasks' row names: 'arithmetic:3+4'
-                teacher_prompt = encode_prompt(self.tokenizer, few_shot_prompt(a.dataset, q, a.num_shots), loc)
-            out.append({"loc": loc, "prompt": ex["prompt"], "teacher_prompt": teacher_prompt,
+            if self.context_distillation:  # the task's rows carry their question's operands
+                q = tuple(row["operands"])
+                teacher_prompt = encode_prompt(self.tokenizer, few_shot_prompt(a.dataset, q, a.num_shots), source)
+            out.append({"source": source, "prompt": ex["prompt"], "teacher_prompt": teacher_prompt,
                         "completion": ex["completions"][0], "on_policy": False})
         print0(f"{split}: {len(out)} rows ({truncated} truncated, {dropped} dropped: the completion would vanish "
                f"within --max-length {a.max_length})")
@@ -211,10 +214,9 @@ class DistillTrainer(BaseTrainer):
                                                         pad, packed)
         tensors = student | {f"teacher_{k}": v for k, v in teacher.items() if k in TEACHER_KEYS}
         tensors["on_policy"] = torch.tensor([e["on_policy"] for e in examples])
-        n = len(tensors["labels"])
         return DistillBatch(tensors, len(examples), student["input_ids"].numel() if packed else
-                            int(student["attention_mask"].sum()), row_ids=[e["loc"] for e in examples],
-                            segments=segments, num_loss_tokens=n, teacher_segments=teacher_segments)
+                            int(student["attention_mask"].sum()), sources=[e["source"] for e in examples],
+                            attention_segments=segments, teacher_attention_segments=teacher_segments)
 
     def on_policy(self, position: int) -> bool:
         """Whether the row at this place of the data stream gets a sampled completion: seeded per position (string
@@ -224,18 +226,12 @@ class DistillTrainer(BaseTrainer):
     @torch.no_grad()
     def sample_completions(self, rows: list[dict]) -> None:
         """Replace each row's completion by one the student samples at --temperature (up to its end of turn)."""
-        a = self.args
         if not rows and not self.fsdp:
             return
         batch = rows or [dict(self.train_data[0])]  # FSDP: every rank takes part in every generation
-        ids, mask = left_pad([e["prompt"] for e in batch], self.tokenizer.pad_token_id)
-        self.model.eval()
-        with self.autocast():
-            completions, comp_mask, _ = generate(self.model, self.tokenizer, ids.to(self.device), mask.to(self.device),
-                                                 a.max_new_tokens, a.temperature, synced=self.fsdp,
-                                                 stop_ids=self.end_of_turn, gather=a.gather_for_generation)
-        for e, c, n in zip(rows, completions.tolist(), comp_mask.sum(1).long().tolist()):
-            e["completion"] = c[:min(n, a.max_length - len(e["prompt"]))]
+        ro = sample(self, [{"prompt_ids": e["prompt"], "source": e["source"]} for e in batch])
+        for e, c, n in zip(rows, ro.completions.tolist(), ro.lengths.tolist()):
+            e["completion"] = c[:min(n, self.args.max_length - len(e["prompt"]))]
 
     def training_step(self) -> StepOutput:
         a, world = self.args, self.dist.world_size
@@ -246,17 +242,16 @@ class DistillTrainer(BaseTrainer):
             micro.append([self.train_data[i] | {"on_policy": self.on_policy(start + self.dist.rank + k * world)}
                           for k, i in enumerate(indices)])
         self.sample_completions([e for m in micro for e in m if e["on_policy"]])
-        return self.step([[self.make_batch(m).to(self.device) for m in micro]])
+        return self.update([self.make_batch(m).to(self.device) for m in micro])
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         a, t = self.args, batch.tensors
-        with torch.no_grad(), self.reference() as teacher:
+        with torch.no_grad(), self.teacher() as teacher:
             teacher_logits = kept_logits(teacher, {k: t.get(f"teacher_{k}") for k in TEACHER_KEYS},
-                                         batch.teacher_segments)  # [N, V]
-        student_logits = kept_logits(model, t, batch.segments)  # [N, V], the same completion tokens in the same order
+                                         batch.teacher_attention_segments)  # [N, V]
+        student_logits = kept_logits(model, t, batch.attention_segments)  # [N, V]: the same tokens, the same order
         per_token = generalized_jsd(student_logits, teacher_logits, a.beta, a.temperature, a.loss_chunk)  # [N]
-        token_sum = per_token.sum()
-        n = batch.num_loss_tokens
+        token_sum, n = per_token.sum(), len(per_token)
         with torch.no_grad():  # mean per-token log-probs of the completion tokens under the loss's distributions
             student_logps = label_logps(student_logits.detach(), t["labels"], a.temperature).sum()
             teacher_logps = label_logps(teacher_logits, t["labels"], a.temperature).sum()
@@ -264,7 +259,7 @@ class DistillTrainer(BaseTrainer):
                    "teacher_logps": Mean(teacher_logps, n),
                    "on_policy_fraction": Mean(t["on_policy"].float().sum(), batch.num_samples),
                    "completions/mean_length": Mean(float(n), batch.num_samples)}
-        return LossOutput(batch.token_mean(token_sum), metrics)
+        return LossOutput(Mean(token_sum, n), metrics)  # the mean over the update's completion tokens
 
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate() if self.eval_data else {}

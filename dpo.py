@@ -19,9 +19,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, check_flag, check_text, \
-    check_usable_rows, print0, run_main, train_eval_rows
-from packing import collate_completions, sequence_logps, tokenize_completions, use_segment_attention
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, check_flag, check_prompt,
+                    check_text, check_usable_rows, collate_completions, print0, run_main, sequence_logps,
+                    tokenize_completions, use_segment_attention)
 
 
 class LossType(StrEnum):
@@ -155,10 +155,7 @@ class DPOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.preference_rows(a.dataset, False), tasks.preference_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        train_rows, eval_rows = tasks.load_rows(a, "preference")
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
@@ -167,15 +164,16 @@ class DPOTrainer(BaseTrainer):
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
-        for loc, row in rows:
-            for key in ("prompt", "chosen", "rejected"):
-                check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
+        for source, row in rows:
+            check_prompt(source, row.get("prompt"))
+            for key in ("chosen", "rejected"):
+                check_text(source, key, row.get(key), roles=("assistant",))
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, loc)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, source)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:
-                out.append(ex | {"loc": loc})
+                out.append(ex | {"source": source})
         print0(f"{split}: {len(out)} pairs ({truncated} truncated, {dropped} dropped: a completion would vanish "
                f"within --max-length {self.args.max_length})")
         return out
@@ -189,7 +187,7 @@ class DPOTrainer(BaseTrainer):
             tensors["ref_logps"] = torch.stack([e["ref_logps"] for e in examples]).T.reshape(-1)
         # num_tokens counts every sequence's tokens (the prompt twice), as padded training would see them
         return Batch(tensors, num_samples=len(examples), num_tokens=sum(len(p) + len(c) for p, c in pairs),
-                     row_ids=[e["loc"] for e in examples], segments=segments)
+                     sources=[e["source"] for e in examples], attention_segments=segments)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         a = self.args

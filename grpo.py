@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,11 +31,10 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
-                    check_flag, progress, rank_batches, run_main, train_eval_rows)
-from packing import kept_logits, label_logps, pack_prefix_tree, use_segment_attention
-from rollout import (TOP_P_OFF_POLICY, call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples,
-                     stopwatch)
+from common import (BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag, run_main,
+                    use_segment_attention)
+from rollout import (TOP_P_OFF_POLICY, Rollout, Scorer, completion_logps, evaluate_replies, first_samples, log_samples,
+                     masked_sum, prompt_examples, rollout_batch, sample, stopwatch, token_logps)
 
 
 class ScaleRewards(StrEnum):
@@ -200,35 +198,31 @@ def clipped_token_loss(logps, old_logps, advantages, eps_low: float, eps_high: f
     return loss, low, high
 
 
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, max_new_tokens: int,
-                   token_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Scalar loss of one micro-batch from per-token losses [N, L].
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
+                   max_new_tokens: int) -> torch.Tensor | Mean:
+    """The loss of one micro-batch from per-token losses [N, L].
 
-    grpo (GRPO eq. 3): 1/N sum_i 1/|o_i| sum_t l_it; dr_grpo (Dr. GRPO eq. 3): 1/(N x max_new_tokens) sum_i sum_t l_it;
-    dapo (DAPO eq. 8): 1/sum_i |o_i| sum_i sum_t l_it over ALL sequences of the optimizer step: `token_mean` maps this
-    micro-batch's token sum to its share of that mean (Batch.token_mean); default: its own token mean. grpo and
-    dr_grpo are means over sequences, which equal-sized micro-batches and ranks average exactly."""
+    grpo (GRPO eq. 3): 1/N sum_i 1/|o_i| sum_t l_it; dr_grpo (Dr. GRPO eq. 3): 1/(N x max_new_tokens) sum_i sum_t l_it,
+    both means over sequences, which equal-sized micro-batches and ranks average exactly; dapo (DAPO eq. 8):
+    1/sum_i |o_i| sum_i sum_t l_it over ALL sequences of the optimizer update, as Mean(token sum, tokens): the loop
+    sums both over micro-batches and ranks."""
     masked = per_token * mask
     if loss_type == LossType.grpo:
         return (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()
     if loss_type == LossType.dr_grpo:
         return masked.sum() / (mask.shape[0] * max_new_tokens)
-    return token_mean(masked.sum()) if token_mean is not None else masked.sum() / mask.sum().clamp(min=1)
+    return Mean(masked.sum(), mask.sum())
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-@torch.no_grad()
-def logits_entropy(logits: torch.Tensor, temperature: float, chunk: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per row [N] (fp32, in row chunks: no [N, V] fp32 copy at once)."""
-    out = []
-    for s in range(0, len(logits), chunk):
-        z = logits[s:s + chunk].float() / temperature
-        logp = torch.log_softmax(z, -1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+def reward_std_over_ranks(rewards: torch.Tensor) -> torch.Tensor:
+    """The std of every reward of the step, over all ranks (one all-reduce; --scale-rewards batch): the same on any
+    world size."""
+    r = rewards.double()
+    stats = torch.stack([r.sum(), (r ** 2).sum(), torch.ones_like(r).sum()])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    total, squares, n = stats.tolist()
+    return torch.tensor(max((squares - total ** 2 / n) / max(n - 1, 1), 0.0) ** 0.5, device=rewards.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,7 +230,6 @@ def logits_entropy(logits: torch.Tensor, temperature: float, chunk: int = 1024) 
 
 class GRPOTrainer(BaseTrainer):
     script_name = "grpo"
-    fixed_shapes = False  # groups of ragged completions: new shapes every step fragment a kept glibc heap
     summary_keys = ("reward", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args
@@ -251,161 +244,52 @@ class GRPOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if a.reward_fn:
-            self.reward_fns = [(spec, load_reward_fn(spec)) for spec in a.reward_fn]
-        elif tasks.is_task(a.dataset):
-            self.reward_fns = [("tasks:reward", tasks.reward)]
-        else:
-            raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function (repeatable)")
-        self.reward_weights = torch.tensor(a.reward_weights or [1.0] * len(self.reward_fns), device=self.device)
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        self.scorer = Scorer(self, tasks.reward_fns(a.reward_fn, a.dataset, " (repeatable)"), a.reward_weights)
+        train_rows, eval_rows = tasks.load_rows(a, "prompt")
         self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
         self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
-        # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
-        torch.manual_seed(a.seed + 1000 * self.dist.rank)
 
-    def make_batch(self, examples: list[dict]) -> Batch:
-        """Left-padded prompts (generation continues from the right edge)."""
-        ids, mask = left_pad([e["prompt_ids"] for e in examples], self.tokenizer.pad_token_id)
-        return Batch({"input_ids": ids, "attention_mask": mask}, len(examples), int(mask.sum()),
-                     row_ids=[e["loc"] for e in examples])
-
-    # --- one iteration ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, examples: list[dict], greedy: bool, num_samples: int = 1):
-        """Each prompt num_samples times, groups contiguous, from one prefill per prompt. -> (prompt batch of every
-        sample, completions [N, L] padded after the first end-of-turn token, mask [N, L], has_eos [N])."""
-        a = self.args
-        prompts = self.make_batch(examples).to(self.device)
-        self.model.eval()
-        with self.autocast():
-            out = generate(self.model, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
-                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
-                           num_samples=num_samples, stop_ids=self.end_of_turn, gather=a.gather_for_generation)
-        if num_samples > 1:
-            prompts = self.make_batch([e for e in examples for _ in range(num_samples)]).to(self.device)
-        return prompts, *out
-
-    def score(self, examples: list[dict], completions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (weighted reward sum [N], each function's rewards [N, F]); a failing function is one line on all ranks."""
-        # padded after the end of turn: the functions see the reply and nothing the model sampled after it
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        per_fn = torch.stack([call_reward_fn(fn, name, examples, texts, self.device) for name, fn in self.reward_fns],
-                             1)
-        return per_fn @ self.reward_weights, per_fn
-
-    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """group_advantages on this rank's groups [B, G]; --scale-rewards batch takes the std of the whole step's
-        rewards over all ranks (one all-reduce), so it does not depend on the world size."""
-        batch_std = None
-        if self.args.scale_rewards == ScaleRewards.batch:
-            r = rewards.double()
-            stats = torch.stack([r.sum(), (r ** 2).sum(), torch.ones_like(r).sum()])
-            if dist.is_initialized():
-                dist.all_reduce(stats)
-            total, squares, n = stats.tolist()
-            batch_std = torch.tensor(max((squares - total ** 2 / n) / max(n - 1, 1), 0.0) ** 0.5, device=rewards.device)
-        return group_advantages(rewards, self.args.scale_rewards, self.args.advantage, batch_std)
-
-    def forward_batch(self, prompts: Batch, completions, mask) -> dict[str, torch.Tensor]:
-        """Full-sequence tensors for a policy forward; position ids from the attention mask (left padding)."""
-        input_ids = torch.cat([prompts["input_ids"], completions], 1)
-        attention_mask = torch.cat([prompts["attention_mask"], mask.long()], 1)
-        keep = torch.zeros_like(attention_mask, dtype=torch.bool)
-        keep[:, prompts["input_ids"].shape[1] - 1:-1] = mask.bool()  # position t predicts completion token t + 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "keep": keep, "completion_mask": mask,
-                "completions": completions, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
-
-    def model_inputs(self, t: dict) -> tuple[dict[str, torch.Tensor], list | None]:
-        """The left-padded batch itself, or (padding_free) one packed row in which prefixes the sequences share
-        appear once: a group's G completions share their prompt token for token, so it is computed once for them."""
-        if not self.args.padding_free:
-            return t, None
-        rows = t["attention_mask"].bool()  # prompt tokens, then the completion up to its first EOS
-        seqs = [ids[m].tolist() for ids, m in zip(t["input_ids"], rows)]
-        n_prompt = rows[:, :rows.shape[1] - t["completions"].shape[1]].sum(1).tolist()
-        packed, segments = pack_prefix_tree(seqs, n_prompt)
-        return {k: v.to(self.device) for k, v in packed.items()}, segments
-
-    def completion_logps(self, model, t: dict, entropy: bool = False):
-        """[N, L] log-probs of the completions under softmax(logits / T) (the sampling distribution), 0 where the
-        mask is 0; with entropy=True also the per-token entropy [N, L] (no gradient)."""
-        logits = kept_logits(model, *self.model_inputs(t))
-        mask = t["completion_mask"].bool()
-        flat = label_logps(logits, t["completions"][mask], self.args.temperature)
-        logps = torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
-        if not entropy:
-            return logps
-        ent = torch.zeros_like(logps).masked_scatter(mask, logits_entropy(logits, self.args.temperature))
-        return logps, ent
-
-    @torch.no_grad()
-    def build_rollout(self, examples: list[dict], prompts: Batch, completions, mask, has_eos, rewards) -> dict:
-        """Rollout tensors of N = B x G sequences (groups contiguous): advantages, loss mask, and the old / reference
-        log-probs that the loss needs (old ones only when the policy moves between generation and update)."""
-        a = self.args
-        adv, zero_std = self.advantages(rewards.view(-1, a.num_generations))
-        t = self.forward_batch(prompts, completions, mask)
-        # DAPO overlong filtering: a truncated completion gets no loss (its reward still shaped its group's baseline)
-        loss_mask = mask * has_eos[:, None].float() if a.mask_truncated_completions else mask
-        t |= {"advantages": adv.reshape(-1), "loss_mask": loss_mask}
-        if a.num_iterations > 1 or a.beta > 0:
-            self.model.eval()
-            with self.autocast():
-                if a.num_iterations > 1:
-                    t["old_logps"] = self.completion_logps(self.model, t)
-                if a.beta > 0:
-                    with self.reference() as ref:
-                        t["ref_logps"] = self.completion_logps(ref, t)
-        return t | {"zero_std": zero_std}
-
-    @torch.no_grad()
-    def rollout(self) -> tuple[dict, dict[str, float], list]:
-        a, clock = self.args, stopwatch(self.device)
-        examples = [self.train_data[i] for i in self.sampler.next_indices()]
-        group_examples = [e for e in examples for _ in range(a.num_generations)]  # groups contiguous
-        prompts, completions, mask, has_eos = self.sample(examples, greedy=False, num_samples=a.num_generations)
+    def training_step(self) -> StepOutput:
+        """One iteration: sample each prompt's group -> score it -> group advantages -> old and reference log-probs
+        -> --num-iterations updates over the whole rollout."""
+        a, G, clock = self.args, self.args.num_generations, stopwatch(self.device)
+        # 1. sample G completions of each of this rank's prompts from the current policy (groups contiguous)
+        ro = sample(self, self.next_examples(), num_samples=G)
         time_generate = clock()
-        rewards, per_fn = self.score(group_examples, completions)
+        # 2. score them, and each completion's advantage over its group (no critic)
+        rewards, per_fn = self.scorer(ro)
+        batch_std = reward_std_over_ranks(rewards) if a.scale_rewards == ScaleRewards.batch else None
+        advantages, zero_std = group_advantages(rewards.view(-1, G), a.scale_rewards, a.advantage, batch_std)
         time_score = clock()
-        t = self.build_rollout(group_examples, prompts, completions, mask, has_eos, rewards)
-        zero_std = t.pop("zero_std")
-        t["rows"] = [e["loc"] for e in group_examples]  # named by a non-finite loss
+        # 3. the old policy's and the reference's log-probs, where the loss needs them
+        # (DAPO's overlong filtering: a truncated completion gets no loss; its reward still shaped its group)
+        loss_mask = ro.mask * ro.has_eos[:, None] if a.mask_truncated_completions else ro.mask
+        per_seq = {"advantages": advantages.reshape(-1), "loss_mask": loss_mask}
+        if a.num_iterations > 1:  # else the old policy is the current one: ratio 1, the plain policy gradient
+            per_seq["old_logps"] = completion_logps(self, self.model, ro)
+        if a.beta > 0:
+            with self.reference() as ref:
+                per_seq["ref_logps"] = completion_logps(self, ref, ro)
         time_logprobs = clock()
-        lengths = mask.sum(1)
-        metrics = {"reward": rewards.mean(), "reward_std": rewards.view(-1, a.num_generations).std(1).mean(),
+        # 4. --num-iterations updates, each over the whole rollout in micro-batches of whole groups
+        n = len(ro) // a.gradient_accumulation_steps
+        micro_batches = [rollout_batch(self, ro, range(s, s + n), per_seq) for s in range(0, len(ro), n)]
+        updates = [self.update(micro_batches) for _ in range(a.num_iterations)]
+        lengths = ro.mask.sum(1)
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.view(-1, G).std(1).mean(),
                    "frac_reward_zero_std": zero_std.float().mean(), "completions/mean_length": lengths.mean(),
                    "completions/min_length": lengths.min(), "completions/max_length": lengths.max(),
-                   "completions/clipped_ratio": (~has_eos).float().mean(),
-                   # where an iteration's time goes (seconds; time/update is added by training_step)
-                   "time/generation": time_generate, "time/scoring": time_score, "time/logprobs": time_logprobs}
-        for (name, _), col in zip(self.reward_fns, per_fn.T):
-            metrics[f"rewards/{name}/mean"] = col.mean()
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
-                    "completion": c, "reward": r}
-                   for e, c, r in list(zip(group_examples, texts, rewards.tolist()))[:3]]
-        return t, {k: float(v) for k, v in metrics.items()}, samples
+                   "completions/clipped_ratio": (~ro.has_eos).float().mean(),
+                   "time/generation": time_generate, "time/scoring": time_score, "time/logprobs": time_logprobs,
+                   "time/update": clock()}
+        metrics |= {f"rewards/{name}/mean": col.mean() for name, col in per_fn.items()}
+        log_samples(self, first_samples(ro, rewards))
+        return StepOutput.of(updates, {k: float(v) for k, v in metrics.items()}, len(ro), ro.num_tokens())
 
-    def micro_batches(self, t: dict) -> list[Batch]:
-        """The rollout as --gradient-accumulation-steps equal micro-batches of whole groups, in order (a group stays
-        together, so its prompt is shared in the packed forward). One update per pass sees the whole rollout, so
-        the order does not matter."""
-        rows, t = t.get("rows", []), {k: v for k, v in t.items() if k != "rows"}
-        n = len(t["completions"])
-        size = n // self.args.gradient_accumulation_steps
-        return [Batch({k: v[s:s + size] for k, v in t.items()}, size, int(t["attention_mask"][s:s + size].sum()),
-                      num_loss_tokens=int(t["loss_mask"][s:s + size].sum()),
-                      row_ids=list(dict.fromkeys(rows[s:s + size]))) for s in range(0, n, size)]
-
-    def compute_loss(self, model, batch: Batch) -> LossOutput:
-        """The clipped surrogate (+ beta x k3 KL) of one micro-batch, aggregated by --loss-type."""
+    def compute_loss(self, model, batch) -> LossOutput:
+        """The clipped surrogate (+ beta x k3 KL) of one micro-batch of the rollout, aggregated by --loss-type."""
         a, t = self.args, batch.tensors
-        logps, entropy = self.completion_logps(model, t, entropy=True)
-        # one update per generation: the old policy is the current one (ratio 1, gradient of the plain PG loss)
+        logps, entropy = token_logps(model, batch, a.temperature, entropy=True)  # [N, L]
         old = t["old_logps"] if "old_logps" in t else logps.detach()
         mask = t["loss_mask"]
         per_token, low, high = clipped_token_loss(logps, old, t["advantages"], a.epsilon_low, a.epsilon_high, mask,
@@ -414,47 +298,22 @@ class GRPOTrainer(BaseTrainer):
         if "ref_logps" in t:
             kl = k3_kl(logps, t["ref_logps"])
             per_token = per_token + a.beta * kl
-            metrics["kl"] = masked_mean(kl.detach(), mask)
-        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens, batch.token_mean)
+            metrics["kl"] = masked_sum(kl, mask)
+        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens)
+        # token metrics: exact means over the step's tokens, every micro-batch and rank (as TRL logs them)
         return LossOutput(loss, metrics | {
-            "entropy": masked_mean(entropy, t["completion_mask"]), "clip_ratio/low_mean": masked_mean(low, mask),
-            "clip_ratio/high_mean": masked_mean(high, mask), "clip_ratio/region_mean": masked_mean(low + high, mask)})
-
-    def training_step(self) -> StepOutput:
-        t, metrics, self._samples = self.rollout()
-        clock = stopwatch(self.device)
-        updates = [self.micro_batches(t) for _ in range(self.args.num_iterations)]  # GRPO's mu passes
-        out = self.step(updates, metrics, num_samples=len(t["completions"]), num_tokens=int(t["attention_mask"].sum()))
-        out.metrics["time/update"] = clock()
-        return out
-
-    def on_step_end(self, out: StepOutput) -> None:
-        if self.global_step % self.args.log_every == 0 and self.dist.is_main:
-            for s in self._samples:
-                self.write(f"  sample: {s['prompt']!r} -> {s['completion']!r} (reward {s['reward']:.2f})")
-            self.log({"samples": self._samples}, "train")
-            if self.wandb is not None:
-                import wandb
-                table = wandb.Table(columns=["prompt", "completion", "reward"],
-                                    data=[[s["prompt"], s["completion"], s["reward"]] for s in self._samples])
-                self.wandb.log({"train/samples_table": table}, step=self.global_step)
+            "entropy": masked_sum(entropy, t["mask"]), "clip_ratio/low_mean": masked_sum(low, mask),
+            "clip_ratio/high_mean": masked_sum(high, mask), "clip_ratio/region_mean": masked_sum(low + high, mask)})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy completions of the eval prompts, scored by the rewards; on a built-in task also the held-out greedy
-        accuracy (its verifier's mean). Batches are split across ranks like training batches."""
-        window, data = MetricWindow(), self.eval_data
-        size = self.args.batch_size * self.args.num_generations  # a rollout's worth of sequences per forward
-        batches = rank_batches(data, size, self.dist.rank, self.dist.world_size)
-        for mine, n_real in progress(batches, "eval", ceil_div(len(data), size * self.dist.world_size)):
-            _, completions, mask, _ = self.sample(mine, greedy=True)
-            rewards, _ = self.score(mine, completions)
-            m = {"reward": rewards.mean(), "completions/mean_length": mask.sum(1).mean()}  # filler rows weigh 0
-            if tasks.is_task(self.args.dataset):
-                texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-                m["greedy_accuracy"] = sum(tasks.reward(None, texts, [e["fields"]["answer"] for e in mine])) / len(mine)
-            window.add(m, n_real)
-        return window.reduce(self.device, rates=False)
+        accuracy (its verifier's mean)."""
+        def metrics(ro: Rollout) -> dict:
+            rewards, _ = self.scorer(ro)
+            return {"reward": rewards.mean(), "completions/mean_length": ro.mask.sum(1).mean(),
+                    **tasks.accuracy(self.args.dataset, ro)}
+        return evaluate_replies(self, self.eval_data, self.args.batch_size * self.args.num_generations, metrics)
 
 
 def main(args: Args | None = None) -> GRPOTrainer:

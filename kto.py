@@ -19,9 +19,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_flag, check_text,
-                    check_usable_rows, print0, run_main, train_eval_rows)
-from packing import collate_completions, sequence_logps, tokenize_completions, use_segment_attention
+from common import (Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_flag, check_prompt,
+                    check_text, check_usable_rows, collate_completions, print0, run_main, sequence_logps,
+                    tokenize_completions, use_segment_attention)
 
 
 @dataclass
@@ -62,7 +62,7 @@ def kto_loss(
     policy_logps: torch.Tensor,  # [B] log pi(y|x), summed over completion tokens
     ref_logps: torch.Tensor,  # [B] log pi_ref(y|x)
     desirable: torch.Tensor,  # [B] bool, the row's label
-    kl: torch.Tensor,  # [] z0, the reference point: detached, >= 0
+    z0: torch.Tensor,  # [] the reference point, KL(pi || pi_ref) estimated on mismatched pairs: detached, >= 0
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -72,12 +72,12 @@ def kto_loss(
     KTO eq. 7: L = lambda_y - v(x, y), v = lambda_D sigmoid(beta (r - z0)) for a desirable y, lambda_U sigmoid(beta
     (z0 - r)) for an undesirable one, r = log pi(y|x) / pi_ref(y|x)."""
     logratios = policy_logps - ref_logps
-    losses = torch.where(desirable, desirable_weight * (1 - F.sigmoid(beta * (logratios - kl))),
-                         undesirable_weight * (1 - F.sigmoid(beta * (kl - logratios))))
+    losses = torch.where(desirable, desirable_weight * (1 - F.sigmoid(beta * (logratios - z0))),
+                         undesirable_weight * (1 - F.sigmoid(beta * (z0 - logratios))))
     return losses, beta * logratios.detach()
 
 
-def with_kl_completions(examples: list[dict]) -> list[dict]:
+def with_mismatched_completions(examples: list[dict]) -> list[dict]:
     """Each row (x_i, y_i) also gets y_{i-1}, the first the last's: the mismatched pairs (x_i, y_{i-1}) that estimate
     z0 use the same completions as the rows, paired with other prompts (TRL's _get_kl_dataset)."""
     return [e | {"completions": [e["completion"], examples[i - 1]["completion"]]} for i, e in enumerate(examples)]
@@ -104,10 +104,7 @@ class KTOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.preference_rows(a.dataset, False), tasks.preference_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        train_rows, eval_rows = tasks.load_rows(a, "preference")
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
@@ -124,29 +121,30 @@ class KTOTrainer(BaseTrainer):
         # are otherwise paired within each micro-batch (next_batch)
         gen = torch.Generator().manual_seed(a.seed)
         shuffled = lambda data: [data[i] for i in torch.randperm(len(data), generator=gen).tolist()]  # noqa: E731
-        self.eval_data = with_kl_completions(shuffled(self.eval_data))
+        self.eval_data = with_mismatched_completions(shuffled(self.eval_data))
         if a.precompute_ref_logps:  # [B, 2]: each row's and its KL pair's log-probs
-            self.train_data = with_kl_completions(shuffled(self.train_data))
+            self.train_data = with_mismatched_completions(shuffled(self.train_data))
             self.precompute_reference(lambda ref, batch: sequence_logps(ref, batch).view(2, -1).T)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
-        for loc, row in rows:
-            check_text(loc, "prompt", row.get("prompt"))
+        for source, row in rows:
+            check_prompt(source, row.get("prompt"))
             if "chosen" in row or "rejected" in row:  # a preference row: two unpaired rows
                 items = [("chosen", True), ("rejected", False)]
             else:
                 items = [("completion", row.get("label"))]
                 if not isinstance(row.get("label"), bool):
-                    raise UserError(f"{loc}: field 'label' must be true or false, got {row.get('label')!r}")
+                    raise UserError(f"{source}: field 'label' must be true or false, got {row.get('label')!r}")
             for key, label in items:
-                check_text(loc, key, row.get(key), roles=("assistant",))
+                check_text(source, key, row.get(key), roles=("assistant",))
                 ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row[key]], self.args.max_length,
-                                               self.args.max_prompt_length, self.end_of_turn, loc)
+                                               self.args.max_prompt_length, self.end_of_turn, source)
                 truncated += cut and ex is not None
                 dropped += ex is None
                 if ex is not None:
-                    out.append({"prompt": ex["prompt"], "completion": ex["completions"][0], "label": label, "loc": loc})
+                    out.append({"prompt": ex["prompt"], "completion": ex["completions"][0], "label": label,
+                                "source": source})
         n_d = sum(e["label"] for e in out)
         print0(f"{split}: {len(out)} rows, {n_d} desirable, {len(out) - n_d} undesirable ({truncated} truncated, "
                f"{dropped} dropped: the completion would vanish within --max-length {self.args.max_length})")
@@ -157,7 +155,7 @@ class KTOTrainer(BaseTrainer):
         its share: the KL pairs, and so z0, do not depend on the world size."""
         if self.args.precompute_ref_logps:  # pairs fixed (and scored) in setup_data
             return super().next_batch()
-        rows = with_kl_completions([self.train_data[i] for i in self.sampler.next_indices(all_ranks=True)])
+        rows = with_mismatched_completions([self.train_data[i] for i in self.sampler.next_indices(all_ranks=True)])
         return self.make_batch(rows[self.dist.rank::self.dist.world_size]).to(self.device)
 
     def make_batch(self, examples: list[dict]) -> Batch:
@@ -170,7 +168,7 @@ class KTOTrainer(BaseTrainer):
             tensors["ref_logps"] = torch.stack([e["ref_logps"] for e in examples]).T.reshape(-1)
         # num_tokens counts every sequence's tokens (the prompt twice), as padded training would see them
         return Batch(tensors, num_samples=len(examples), num_tokens=sum(len(p) + len(c) for p, c in pairs),
-                     row_ids=[e["loc"] for e in examples], segments=segments)
+                     sources=[e["source"] for e in examples], attention_segments=segments)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         a = self.args
@@ -180,19 +178,20 @@ class KTOTrainer(BaseTrainer):
         else:
             with torch.no_grad(), self.reference() as ref:
                 ref_logps = sequence_logps(ref, batch)
-        pol, pol_kl = policy_logps.chunk(2)
-        ref, ref_kl = ref_logps.chunk(2)
+        pol, pol_mismatched = policy_logps.chunk(2)
+        ref, ref_mismatched = ref_logps.chunk(2)
         # z0 = KL(pi || pi_ref) on the mismatched pairs of the whole micro-batch (all ranks: one all-reduce; a filler
         # eval batch counts 0), clamped at 0 and detached as in TRL
-        kl = torch.stack([(pol_kl - ref_kl).detach().sum(), pol_kl.new_tensor(len(pol_kl))]) * (batch.num_samples > 0)
+        z0 = torch.stack([(pol_mismatched - ref_mismatched).detach().sum(),
+                          pol.new_tensor(len(pol_mismatched))]) * (batch.num_samples > 0)
         if dist.is_initialized():
-            dist.all_reduce(kl)
-        kl = (kl[0] / kl[1].clamp(min=1)).clamp(min=0)
+            dist.all_reduce(z0)
+        z0 = (z0[0] / z0[1].clamp(min=1)).clamp(min=0)
         desirable = batch["desirable"]
-        losses, rewards = kto_loss(pol, ref, desirable, kl, a.beta, a.desirable_weight, a.undesirable_weight)
+        losses, rewards = kto_loss(pol, ref, desirable, z0, a.beta, a.desirable_weight, a.undesirable_weight)
         loss = losses.mean()
         # each class's mean exactly (a micro-batch may hold no row of a class); margins: with_margins when logged
-        metrics = {"loss": loss.detach(), "kl": kl}
+        metrics = {"loss": loss.detach(), "kl": z0}
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             metrics[f"rewards/{name}"] = Mean(rewards[rows].sum(), rows.sum())
             metrics[f"logps/{name}"] = Mean(pol.detach()[rows].sum(), rows.sum())

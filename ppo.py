@@ -13,7 +13,7 @@ Prompt rows are {"prompt": str or messages, ...}; the other fields reach the rew
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 
@@ -22,11 +22,11 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, MetricWindow, StepOutput, TrainArgs, UserError, add_lora, ceil_div,
-                    check_flag, load_model, progress, rank_batches, run_main, train_eval_rows)
-from packing import kept_logits, label_logps, pack_prefix_tree, segment_forward, use_segment_attention
-from rollout import (TOP_P_OFF_POLICY, call_reward_fn, generate, left_pad, load_reward_fn, prompt_examples,
-                     stopwatch)
+from common import (BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, add_lora, check_flag, kept_logits,
+                    label_logps, run_main, segment_forward, use_segment_attention)
+from rollout import (TOP_P_OFF_POLICY, Rollout, Scorer, evaluate_replies, first_samples, load_reward_model,
+                     log_samples, masked_mean, prompt_examples, reward_head, rollout_batch, sample, scatter_tokens,
+                     stopwatch, token_logps)
 
 
 class CriticType(StrEnum):
@@ -127,10 +127,6 @@ class Args(TrainArgs):
 # Pure functions: the PPO math on [B, L] response-token tensors, `mask` = 1 on valid response tokens
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalize over valid tokens only (N+ detail: padding must not enter the statistics); unbiased variance."""
     mean = masked_mean(x, mask)
@@ -193,33 +189,12 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask * positions).argmax(1)
-
-
-@dataclass
-class RolloutBuffer:
-    """One iteration's rollouts: sequences [B, T] (input_ids, attention_mask, position_ids, keep) and response-token
-    tensors [B, L] (responses, response_mask, old_logps, old_values, advantages, returns)."""
-    tensors: dict[str, torch.Tensor]
-    row_ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.tensors["responses"])
-
-    def minibatches(self, num_minibatches: int, accumulation: int):
-        """A fresh shuffle per epoch; yields each minibatch as its list of equal micro-batches."""
-        n = len(self)
-        mb, micro = n // num_minibatches, n // num_minibatches // accumulation
-        perm = torch.randperm(n, device=self.tensors["responses"].device)
-        for m in range(num_minibatches):
-            idx = perm[m * mb:(m + 1) * mb]
-            yield [Batch({k: v[idx[j:j + micro]] for k, v in self.tensors.items()}, micro,
-                         int(self.tensors["response_mask"][idx[j:j + micro]].sum()),
-                         [self.row_ids[i] for i in idx[j:j + micro].tolist()] if self.row_ids else [])
-                   for j in range(0, mb, micro)]
+def minibatch_rows(n: int, num_minibatches: int, accumulation: int) -> list[list[list[int]]]:
+    """One epoch over n rollout rows: a fresh shuffle (the global RNG), cut into num_minibatches optimizer updates of
+    `accumulation` equal micro-batches each -> [update][micro-batch][row]."""
+    perm, mb = torch.randperm(n).tolist(), n // num_minibatches
+    micro = mb // accumulation
+    return [[perm[m * mb + j:m * mb + j + micro] for j in range(0, mb, micro)] for m in range(num_minibatches)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,39 +229,6 @@ class ActorCritic(nn.Module):
         return logits, self.value_head(hidden).squeeze(-1)  # [N, V], [N]
 
 
-def reward_head(model: nn.Module) -> nn.Module:
-    """The scalar head of a sequence classifier; a head of several outputs is not a reward model."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            if head.out_features != 1:
-                raise UserError(f"--reward-model: its `{name}` head has {head.out_features} outputs; a reward model "
-                                f"has one (num_labels=1)")
-            return head
-    raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
-
-
-def reward_token_index(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] the token whose hidden state a reward model scores: the one it was trained on. reward.py's models
-    (config.reward_at_last_token) at the last token, the reply's end-of-turn token when it has one. Any other
-    sequence classifier where transformers' pooling reads it, which is where TRL's RewardTrainer trained it: the last
-    token that is not config.pad_token_id, i.e. with pad == EOS the token BEFORE the EOS."""
-    last = last_token_index(attention_mask)
-    if getattr(config, "reward_at_last_token", False) or config.pad_token_id is None:
-        return last
-    return last_token_index(attention_mask * (input_ids != config.pad_token_id))
-
-
-@torch.no_grad()
-def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """Scalar score at `reward_token_index` [B]; position ids from the mask so left padding is harmless."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state
-    at = reward_token_index(rm.config, input_ids, attention_mask)
-    return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -303,19 +245,7 @@ class PPOTrainer(BaseTrainer):
         if a.padding_free:
             use_segment_attention(policy)  # before the copies: the reference and a policy-based critic inherit it
         self.init_reference(policy)
-        self.reward_model = None
-        if a.reward_model:
-            from transformers import AutoModelForSequenceClassification
-            self.reward_model = load_model(a.reward_model, a.trust_remote_code, self.dist.local_rank,
-                                           auto_class=AutoModelForSequenceClassification, flag="--reward-model")
-            if not any(x.endswith("ForSequenceClassification") for x in self.reward_model.config.architectures or []):
-                raise UserError(f"--reward-model {a.reward_model}: not a sequence classifier (its config says "
-                                f"{self.reward_model.config.architectures}); train one with reward.py")
-            reward_head(self.reward_model)  # refuses heads of several outputs
-            self.reward_model.eval().requires_grad_(False).to(self.device)
-            if self.reward_model.config.vocab_size != policy.config.vocab_size:
-                raise UserError(f"--reward-model {a.reward_model}: vocabulary of {self.reward_model.config.vocab_size} "
-                                f"tokens, the policy has {policy.config.vocab_size}: they must share a tokenizer")
+        self.reward_model = load_reward_model(self, a.reward_model, policy) if a.reward_model else None
         hidden = policy.config.hidden_size
         if a.critic == CriticType.separate and self.reward_model is not None:
             # N+ detail: the critic starts as the reward model (backbone and head)
@@ -329,6 +259,8 @@ class PPOTrainer(BaseTrainer):
             # into the shared backbone with the value head) do not drown the policy gradient
             head = nn.Linear(hidden, 1)
             nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        if self.reward_model is not None:  # frozen after the critic's copy: that one trains in fp32
+            self.freeze(self.reward_model)
         return ActorCritic(policy, head, backbone)
 
     def hf_model(self) -> nn.Module:
@@ -336,132 +268,64 @@ class PPOTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if a.reward_model:
-            self.reward_fn = None
-        elif a.reward_fn:
-            self.reward_fn = load_reward_fn(a.reward_fn)
-        elif tasks.is_task(a.dataset):
-            self.reward_fn = tasks.reward
-        else:
-            raise UserError(f"--dataset {a.dataset}: pass --reward-fn module:function or --reward-model PATH")
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.prompt_rows(a.dataset, False), tasks.prompt_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        fns = [] if a.reward_model else tasks.reward_fns([a.reward_fn] if a.reward_fn else [], a.dataset,
+                                                         " or --reward-model PATH")
+        self.scorer = Scorer(self, fns, reward_model=self.reward_model)
+        train_rows, eval_rows = tasks.load_rows(a, "prompt")
         self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
         self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
-        # identical init everywhere is done; from here the global RNG drives sampling and must differ per rank
-        torch.manual_seed(a.seed + 1000 * self.dist.rank)
 
-    def make_batch(self, examples: list[dict]) -> Batch:
-        """Left-padded prompts (generation continues from the right edge)."""
-        ids, mask = left_pad([e["prompt_ids"] for e in examples], self.tokenizer.pad_token_id)
-        return Batch({"input_ids": ids, "attention_mask": mask}, len(examples), int(mask.sum()),
-                     row_ids=[e["loc"] for e in examples])
-
-    # --- one iteration ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, examples: list[dict], greedy: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (prompt batch, responses [B, L] padded after the first end-of-turn token, response mask [B, L],
-        has_eos [B])."""
-        a = self.args
-        prompts = self.make_batch(examples).to(self.device)
-        self.model.policy.eval()  # N+ detail: no dropout while sampling
-        with self.autocast():
-            out = generate(self.model.policy, self.tokenizer, prompts["input_ids"], prompts["attention_mask"],
-                           a.max_new_tokens, 0.0 if greedy else a.temperature, a.top_p, synced=self.fsdp,
-                           stop_ids=self.end_of_turn, gather=a.gather_for_generation)
-        return prompts, *out
-
-    def score(self, examples, prompts: Batch, responses, mask) -> torch.Tensor:
-        if self.reward_model is not None:
-            ids = torch.cat([prompts["input_ids"], responses], 1)
-            attn = torch.cat([prompts["attention_mask"], mask.long()], 1)
-            with self.autocast():
-                return reward_model_scores(self.reward_model, ids, attn)
-        completions = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after the turn end
-        return call_reward_fn(self.reward_fn, self.args.reward_fn or "tasks:reward", examples, completions,
-                              self.device)
-
-    def forward_batch(self, prompts: Batch, responses, mask) -> dict[str, torch.Tensor]:
-        """Full-sequence tensors for a policy/critic forward; position ids from the attention mask (left padding)."""
-        input_ids = torch.cat([prompts["input_ids"], responses], 1)
-        attention_mask = torch.cat([prompts["attention_mask"], mask.long()], 1)
-        keep = torch.zeros_like(attention_mask, dtype=torch.bool)
-        keep[:, prompts["input_ids"].shape[1] - 1:-1] = mask.bool()  # position t predicts response token t + 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "keep": keep, "response_mask": mask,
-                "responses": responses, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
-
-    def model_inputs(self, t: dict) -> tuple[dict[str, torch.Tensor], list | None]:
-        """Forward inputs for rollout tensors: the left-padded batch itself, or (padding_free) one packed row in
-        which prompt prefixes that episodes share (the chat template's system prompt, ...) appear once."""
-        if not self.args.padding_free:
-            return t, None
-        rows = t["attention_mask"].bool()  # prompt tokens, then the response up to its first EOS
-        seqs = [ids[m].tolist() for ids, m in zip(t["input_ids"], rows)]
-        n_prompt = rows[:, :rows.shape[1] - t["responses"].shape[1]].sum(1).tolist()
-        packed, segments = pack_prefix_tree(seqs, n_prompt)
-        return {k: v.to(self.device) for k, v in packed.items()}, segments
-
-    def logps_and_values(self, model, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L] log-probs of the responses (logits / temperature, N+ detail) and values; 0 where mask is 0."""
-        logits, values = model(*self.model_inputs(t))
-        mask = t["response_mask"].bool()
-        flat = label_logps(logits, t["responses"][mask], self.args.temperature)
-        logps = torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
-        return logps, torch.zeros_like(logps).masked_scatter(mask, values.float())
-
-    @torch.no_grad()
-    def rollout(self) -> tuple[RolloutBuffer, dict[str, float], list]:
-        """Sample, score, evaluate old log-probs / ref log-probs / values, shape rewards, GAE."""
+    def training_step(self) -> StepOutput:
+        """One iteration: sample -> score -> log-probs, reference log-probs and values -> per-token rewards -> GAE ->
+        --ppo-epochs x --num-minibatches clipped updates."""
         a, clock = self.args, stopwatch(self.device)
-        examples = [self.train_data[i] for i in self.sampler.next_indices()]
-        prompts, responses, mask, has_eos = self.sample(examples, greedy=False)
+        # 1. sample a response to each of this rank's prompts from the current policy
+        ro = sample(self, self.next_examples())
         time_generate = clock()
-        scores = self.score(examples, prompts, responses, mask)
+        # 2. score each response (a reward function or a reward model)
+        scores, _ = self.scorer(ro)
         if a.missing_eos_penalty is not None:
-            scores = scores - a.missing_eos_penalty * (~has_eos).float()
+            scores = scores - a.missing_eos_penalty * (~ro.has_eos).float()
         time_score = clock()
-        t = self.forward_batch(prompts, responses, mask)
-        self.model.eval()
-        with self.autocast():
-            logps, values = self.logps_and_values(self.model, t)
+        # 3. the rollout policy's log-probs and values, and the reference's log-probs
+        whole, mask = rollout_batch(self, ro, range(len(ro))), ro.mask
+        with torch.no_grad(), self.autocast():
+            self.model.eval()
+            logps, values = self.logps_and_values(self.model, whole)
             with self.reference() as ref:
-                ref_logits = kept_logits(ref, *self.model_inputs(t))
-        ref_logps = torch.zeros_like(logps).masked_scatter(
-            mask.bool(), label_logps(ref_logits, responses[mask.bool()], a.temperature))
+                ref_logps = token_logps(ref, whole, a.temperature)
+        # 4. per-token rewards (-KL on every token, the score on the last), then GAE
         rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
         advantages = masked_whiten(advantages, mask) * mask
         time_logprobs = clock()
-        t |= {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
-        var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        # 5. --ppo-epochs passes, each a fresh shuffle into --num-minibatches updates
+        per_seq = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
+        updates = [self.update([rollout_batch(self, ro, rows, per_seq) for rows in micro_batches])
+                   for _ in range(a.ppo_epochs)
+                   for micro_batches in minibatch_rows(len(ro), a.num_minibatches, a.gradient_accumulation_steps)]
         resid = returns - values
         metrics = {
             "objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
             "objective/entropy": (-logps * mask).sum(1).mean(),  # sample estimate of the sequence entropy (as TRL)
             "objective/non_score_reward": non_score.sum(1).mean(),
             "objective/rlhf_reward": scores.mean() + non_score.sum(1).mean(),
-            "val/num_eos_tokens": has_eos.float().sum(),
+            "val/num_eos_tokens": ro.has_eos.float().sum(),
             "val/explained_variance": 1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
-            / var_returns.clamp(min=1e-8),
+            / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8),
             "response_length": mask.sum(1).mean(),
-            # where an iteration's time goes (seconds; time/update is added by training_step)
             "time/generation": time_generate, "time/scoring": time_score, "time/logprobs_values": time_logprobs,
-        }
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        samples = [{"prompt": e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"],
-                    "response": r, "score": s}
-                   for e, r, s in zip(examples[:3], texts, scores.tolist())]
-        return RolloutBuffer(t, [e["loc"] for e in examples]), {k: float(v) for k, v in metrics.items()}, samples
+            "time/update": clock()}
+        log_samples(self, [r | {"score": r.pop("reward")} for r in first_samples(ro, scores)])
+        return StepOutput.of(updates, {k: float(v) for k, v in metrics.items()}, len(ro), ro.num_tokens())
 
-    def compute_loss(self, model, batch: Batch) -> LossOutput:
-        """The clipped PPO loss of one rollout-buffer micro-batch."""
+    def compute_loss(self, model, batch) -> LossOutput:
+        """The clipped PPO loss of one micro-batch of the rollout."""
         a, t = self.args, batch.tensors
-        logps, values = self.logps_and_values(model, t)
-        mask = t["response_mask"]
+        logps, values = self.logps_and_values(model, batch)
+        mask = t["mask"]
         pg_loss, pg_clipfrac, approxkl, ratio = policy_loss(logps, t["old_logps"], t["advantages"], mask, a.cliprange)
         vf_loss, vf_clipfrac = value_loss(values, t["old_values"], t["returns"], mask, a.cliprange_value)
         ratio_mean = masked_mean(ratio, mask).detach()
@@ -470,44 +334,21 @@ class PPOTrainer(BaseTrainer):
             "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac,
             "val/ratio": ratio_mean, "val/ratio_var": masked_mean((ratio.detach() - ratio_mean) ** 2, mask)})
 
-    def training_step(self) -> StepOutput:
-        a = self.args
-        buffer, metrics, self._samples = self.rollout()
-        clock = stopwatch(self.device)
-        updates = (micro_batches for _ in range(a.ppo_epochs)
-                   for micro_batches in buffer.minibatches(a.num_minibatches, a.gradient_accumulation_steps))
-        tokens = int(buffer.tensors["attention_mask"].sum())
-        out = self.step(updates, metrics, num_samples=len(buffer), num_tokens=tokens)
-        out.metrics["time/update"] = clock()
-        return out
-
-    def on_step_end(self, out: StepOutput) -> None:
-        if self.global_step % self.args.log_every == 0 and self.dist.is_main:
-            for s in self._samples:
-                self.write(f"  sample: {s['prompt']!r} -> {s['response']!r} (score {s['score']:.2f})")
-            self.log({"samples": self._samples}, "train")
-            if self.wandb is not None:
-                import wandb
-                table = wandb.Table(columns=["prompt", "response", "score"],
-                                    data=[[s["prompt"], s["response"], s["score"]] for s in self._samples])
-                self.wandb.log({"train/samples_table": table}, step=self.global_step)
+    def logps_and_values(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, L] log-probs of the sampled tokens (logits / T, N+ detail) and the critic's values; 0 elsewhere."""
+        logits, values = model(batch.tensors, batch.attention_segments)
+        mask = batch["mask"]
+        return (scatter_tokens(mask, label_logps(logits, batch["labels"], self.args.temperature)),
+                scatter_tokens(mask, values.float()))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy responses to the eval prompts, scored by the reward; on the built-in task also by its verifier (the
-        held-out greedy accuracy). Batches are split across ranks like training batches."""
-        window, data = MetricWindow(), self.eval_data
-        batches = rank_batches(data, self.args.batch_size, self.dist.rank, self.dist.world_size)
-        for mine, n_real in progress(batches, "eval", ceil_div(len(data), self.args.batch_size * self.dist.world_size)):
-            prompts, responses, mask, _ = self.sample(mine, greedy=True)
-            scores = self.score(mine, prompts, responses, mask)
-            batch_metrics = {"scores": scores.mean(), "response_length": mask.sum(1).mean()}
-            if tasks.is_task(self.args.dataset):  # the verifier, also when a reward model or function trains
-                texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-                correct = tasks.reward(None, texts, [e["fields"]["answer"] for e in mine])
-                batch_metrics["greedy_accuracy"] = sum(correct) / len(correct)
-            window.add(batch_metrics, n_real)
-        return window.reduce(self.device, rates=False)
+        held-out greedy accuracy)."""
+        def metrics(ro: Rollout) -> dict:
+            return {"scores": self.scorer(ro)[0].mean(), "response_length": ro.mask.sum(1).mean(),
+                    **tasks.accuracy(self.args.dataset, ro)}
+        return evaluate_replies(self, self.eval_data, self.args.batch_size, metrics)
 
 
 def main(args: Args | None = None) -> PPOTrainer:

@@ -25,9 +25,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_text,
-                    check_usable_rows, load_model, print0, run_main, shard_model, train_eval_rows)
-from packing import pack_prefix_tree, segment_forward, tokenize_completions, use_segment_attention
+from common import (Batch, BaseTrainer, LossOutput, TrainArgs, UserError, add_lora, base_of, check_flag, check_prompt,
+                    check_text, check_usable_rows, load_model, pack_prefix_tree, print0, run_main, segment_forward,
+                    tokenize_completions, use_segment_attention)
 
 
 @dataclass
@@ -76,6 +76,10 @@ class RewardModel(nn.Module):
         super().__init__()
         self.classifier = classifier
 
+    def fsdp_roots(self) -> list[nn.Module]:
+        """FSDP2 gathers per root whose forward is called: this wrapper's calls the decoder and the head itself."""
+        return [self]
+
     def head(self) -> nn.Module:
         """The linear score head (under LoRA: peft's trainable copy of it)."""
         hf = base_of(self.classifier)
@@ -115,7 +119,7 @@ def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
                    "last": torch.tensor([i * width + len(s) - 1 for i, s in enumerate(seqs)])}
     tensors["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
     return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
-                 row_ids=[e["loc"] for e in examples], segments=segments)
+                 sources=[e["source"] for e in examples], attention_segments=segments)
 
 
 class RewardTrainer(BaseTrainer):
@@ -146,34 +150,28 @@ class RewardTrainer(BaseTrainer):
     def hf_model(self) -> nn.Module:
         return self.model.classifier
 
-    def shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2 with the wrapper as the one root: its forward calls the decoder and the head, not the classifier."""
-        return shard_model(model, self.dist, self.args.precision, roots=[model]) if self.fsdp else model
-
     def setup_data(self) -> None:
         a = self.args
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.preference_rows(a.dataset, False), tasks.preference_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        train_rows, eval_rows = tasks.load_rows(a, "preference")
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
-        for loc, row in rows:
-            for key in ("prompt", "chosen", "rejected"):
-                check_text(loc, key, row.get(key), roles=("assistant",) if key != "prompt" else None)
+        for source, row in rows:
+            check_prompt(source, row.get("prompt"))
+            for key in ("chosen", "rejected"):
+                check_text(source, key, row.get(key), roles=("assistant",))
             margin = row.get("margin", 0.0)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                raise UserError(f"{loc}: field 'margin' must be a finite number, got {margin!r}")
+                raise UserError(f"{source}: field 'margin' must be a finite number, got {margin!r}")
             ex, cut = tokenize_completions(self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, loc)
+                                           self.args.max_length, self.args.max_prompt_length, self.end_of_turn, source)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:
-                out.append(ex | {"loc": loc, "margin": float(margin)})
+                out.append(ex | {"source": source, "margin": float(margin)})
         print0(f"{split}: {len(out)} pairs ({truncated} truncated, {dropped} dropped: a completion would vanish "
                f"within --max-length {self.args.max_length})")
         return out
@@ -182,7 +180,7 @@ class RewardTrainer(BaseTrainer):
         return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        rewards = model(batch.tensors, batch.segments)  # [2B]
+        rewards = model(batch.tensors, batch.attention_segments)  # [2B]
         chosen, rejected = rewards.chunk(2)
         loss = reward_loss(chosen, rejected, batch["margin"], self.args.center_rewards_coefficient).mean()
         chosen, rejected = chosen.detach(), rejected.detach()

@@ -1,5 +1,10 @@
-"""Rollouts for the online algorithms (ppo.py, grpo.py): prompts, sampling, truncation after the end of a turn, and
-calling the user's reward functions. What an RL researcher changes lives here.
+"""Rollouts for the online algorithms (ppo.py, grpo.py, online_dpo.py): prompts, sampling, scoring, the packed forward
+over prompt + completion, and the held-out greedy eval. What an RL researcher changes lives here or in the script.
+
+A rollout is N sequences (a prompt's samples contiguous), each a prompt and its completion; `mask` marks the tokens
+the policy sampled, the only ones a loss or a metric counts. Every function reads the plumbing it needs from the
+trainer: its model, tokenizer, end-of-turn ids, autocast, and the flags --max-new-tokens, --temperature, --top-p,
+--padding-free, --gather-for-generation.
 """
 from __future__ import annotations
 
@@ -7,32 +12,70 @@ import importlib
 import math
 import os
 import sys
-import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from common import (UserError, agree_on_error, base_of, check_text, end_of_turn_ids, fsdp_generation, print0,
-                    supports_logits_to_keep)
-from packing import encode_prompt
+from common import Batch, Mean, load_model
+from plumbing.data import check_prompt, encode_prompt, rank_batches
+from plumbing.generation import generate, truncate_after_eos  # noqa: F401  (truncate_after_eos: tests, tasks)
+from plumbing.logprobs import kept_logits, label_logps, pack_for_labels
+from plumbing.metrics import MetricWindow
+from plumbing.run import UserError, agree_on_error, ceil_div, first_line, print0, progress, stopwatch  # noqa: F401
+from plumbing.speed import ragged_shapes_from_here
 
-# PPO and GRPO refuse --top-p < 1 with this (and generate() switches off a generation config's top_k): the policy
-# gradient and the KL are taken on the distribution that was sampled, and a truncated one makes the log-probs of the
-# current and reference policy -inf wherever their own nucleus leaves the sampled token out
+# PPO and GRPO refuse --top-p < 1 with this: their policy gradient and KL are taken on the distribution that was
+# sampled, and a truncated one makes the log-probs of the current and reference policy -inf wherever their own
+# nucleus leaves the sampled token out
 TOP_P_OFF_POLICY = ("must be 1: the log-probs, ratios and KL use the full softmax(logits / T), so sampling from a "
                     "nucleus would make every update off-policy; lower --temperature instead")
 
 
-def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, split: str) -> list[dict]:
-    """Prompt rows (ppo.py, grpo.py) -> {loc, prompt_ids (cut from the left), prompt, fields for the reward fn}."""
+@dataclass
+class Rollout:
+    examples: list[dict]
+    """the prompt example each sequence came from ({"source", "prompt", "prompt_ids", "fields"})"""
+    prompt_ids: list[list[int]]
+    completions: torch.Tensor
+    """[N, L] the ids after the prompt, pad after the end"""
+    mask: torch.Tensor
+    """[N, L] float: 1 on sampled tokens, up to and including the end-of-turn token"""
+    lengths: torch.Tensor
+    """[N] completion tokens that exist (sampled, and in a multi-turn episode the environment's between them)"""
+    has_eos: torch.Tensor
+    """[N] bool: the reply ended its turn (was not cut by --max-new-tokens)"""
+    texts: list[str]
+    """the final reply of each sequence, decoded: what reward functions score"""
+    stats: dict = field(default_factory=dict)
+    """per-sequence tensors a multi-turn rollout adds (turns, tool calls, ...)"""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, rows) -> Rollout:
+        """The sequences `rows` (indices or a range), in that order."""
+        rows = list(rows)
+        idx = torch.tensor(rows, device=self.mask.device)
+        return Rollout([self.examples[i] for i in rows], [self.prompt_ids[i] for i in rows], self.completions[idx],
+                       self.mask[idx], self.lengths[idx], self.has_eos[idx], [self.texts[i] for i in rows],
+                       {k: v[idx] for k, v in self.stats.items()})
+
+    def num_tokens(self) -> int:
+        return sum(map(len, self.prompt_ids)) + int(self.lengths.sum())
+
+
+def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, split: str | None) -> list[dict]:
+    """Prompt rows -> {source, prompt, prompt_ids (cut from the left), fields: the row's other fields}."""
     out, truncated = [], 0
-    for loc, row in rows:
-        check_text(loc, "prompt", row.get("prompt"))
-        ids = encode_prompt(tok, row["prompt"], loc)
+    for source, row in rows:
+        check_prompt(source, row.get("prompt"))
+        ids = encode_prompt(tok, row["prompt"], source)
         truncated += len(ids) > max_prompt_length
-        out.append({"loc": loc, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"],
+        out.append({"source": source, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"],
                     "fields": {k: v for k, v in row.items() if k != "prompt"}})
-    print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
+    if split:
+        print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
     return out
 
 
@@ -44,78 +87,30 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+
 @torch.no_grad()
-def generate(model: nn.Module, tok, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, synced: bool = False, num_samples: int = 1,
-             stop_ids: list[int] | None = None, gather: bool = False):
-    """Sample from exactly softmax(logits / temperature) (nucleus top_p if < 1), or greedy with temperature 0.
-    Every other logits processor a model's generation_config may carry (repetition_penalty, min_p, top_k, ...) is
-    off: the policy-gradient log-probs assume this distribution. A reply ends at the first of `stop_ids` (default:
-    common.end_of_turn_ids of the tokenizer). num_samples > 1: each prompt is sampled that many times (rows in
-    groups, as repeat_interleave) from ONE prefill, its KV cache copied per sample (HF's num_return_sequences would
-    prefill every copy). Under FSDP one unit is gathered at a time, or the whole model once with gather=True
-    (common.fsdp_generation). -> truncate_after_eos(responses)."""
-    with fsdp_generation(model, gather):
-        return _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples,
-                         stop_ids or end_of_turn_ids(tok))
-
-
-def _generate(model, tok, input_ids, attention_mask, max_new_tokens, temperature, top_p, synced, num_samples,
-              stop_ids):
-    from transformers import GenerationConfig
-    kw = {}
-    if num_samples > 1:
-        if input_ids.shape[1] > 1:  # the prompt but its last token; generate's first step feeds that one and samples
-            ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
-            # its logits are not used: generate recomputes them
-            last_only = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
-            kw["cache"] = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                **last_only).cache
-            kw["cache"].batch_repeat_interleave(num_samples)
-        input_ids, attention_mask = (t.repeat_interleave(num_samples, 0) for t in (input_ids, attention_mask))
-    # greedy decoding over scores in which only the sampled token survives: sampling is CategoricalSampler's
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=stop_ids)
-    sampler = [CategoricalSampler(temperature, top_p)] if temperature > 0 else []
-    owner = base_of(model)
-    saved, owner.generation_config = owner.generation_config, GenerationConfig()  # the model's own fills no gaps
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=sampler, synced_gpus=synced, **kw)
-    finally:
-        owner.generation_config = saved
-    return truncate_after_eos(out[:, input_ids.shape[1]:], stop_ids, tok.pad_token_id)
-
-
-class CategoricalSampler:
-    """A logits processor that draws the next token from softmax(scores / temperature) (restricted to the nucleus
-    when top_p < 1, as transformers' TopPLogitsWarper) by inverse CDF, and returns scores whose argmax is that token.
-    One uniform per row: torch.multinomial draws one exponential per vocabulary entry, which is slow on CPU."""
-
-    def __init__(self, temperature: float, top_p: float = 1.0):
-        self.temperature, self.top_p = temperature, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
-        if self.top_p < 1:  # the nucleus: most likely first, until the mass before a token reaches top_p
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # the most likely token always stays
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # [B, 1]; never p = 0
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
-
-
-def truncate_after_eos(responses: torch.Tensor, stop_ids: int | list[int], pad_id: int):
-    """Keep tokens up to and including the first end-of-turn token (any of stop_ids); later tokens become pad.
-    -> (responses, mask [B, L] float, has_eos [B]: the reply ended by itself)."""
-    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, device=responses.device))
-    has_eos = is_eos.any(1)
-    first = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1])
-    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]
-    return responses.masked_fill(~mask, pad_id), mask.float(), has_eos
+def sample(trainer, examples: list[dict], num_samples: int = 1, greedy: bool = False, model: nn.Module | None = None,
+           max_new_tokens: int | None = None) -> Rollout:
+    """Each example's prompt num_samples times (samples contiguous, one prefill per prompt) from exactly
+    softmax(logits / --temperature) (greedy: argmax), each reply cut after its first end-of-turn token. model:
+    default trainer.hf_model() (the policy)."""
+    a, tok = trainer.args, trainer.tokenizer
+    model = model or trainer.hf_model()
+    if not greedy:  # sampled lengths: new shapes every step from here (plumbing.speed)
+        ragged_shapes_from_here()
+    ids, mask = left_pad([e["prompt_ids"] for e in examples], tok.pad_token_id)
+    model.eval()
+    with trainer.autocast():
+        completions, comp_mask, has_eos = generate(
+            model, tok, ids.to(trainer.device), mask.to(trainer.device), max_new_tokens or a.max_new_tokens,
+            0.0 if greedy else a.temperature, getattr(a, "top_p", 1.0), synced=trainer.fsdp, num_samples=num_samples,
+            stop_ids=trainer.end_of_turn, gather=a.gather_for_generation)
+    examples = [e for e in examples for _ in range(num_samples)]
+    return Rollout(examples, [e["prompt_ids"] for e in examples], completions, comp_mask, comp_mask.sum(1).long(),
+                   has_eos, tok.batch_decode(completions, skip_special_tokens=True))
 
 
 def load_reward_fn(spec: str):
@@ -127,8 +122,7 @@ def load_reward_fn(spec: str):
     except (ImportError, AttributeError, ValueError) as e:
         raise UserError(f"--reward-fn {spec}: cannot import ({e})") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran: a SyntaxError, or it raised
-        raise UserError(f"--reward-fn {spec}: importing {module} raised {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise UserError(f"--reward-fn {spec}: importing {module} raised {first_line(e)}") from None
     if not callable(fn):
         raise UserError(f"--reward-fn {spec}: not callable")
     return fn
@@ -136,7 +130,7 @@ def load_reward_fn(spec: str):
 
 def call_reward_fn(fn, name: str, examples: list[dict], completions: list[str], device) -> torch.Tensor:
     """fn(prompts, completions, **row_fields) -> [B] floats; a wrong length, a non-finite value or an exception is
-    one line (agreed across ranks: rows differ per rank). examples: {"prompt", "fields", "loc"}."""
+    one line (agreed across ranks: rows differ per rank). examples: {"prompt", "fields", "source"}."""
     fields = {k: [e["fields"].get(k) for e in examples] for k in {k for e in examples for k in e["fields"]}}
     error, scores = "", None
     try:
@@ -146,26 +140,205 @@ def call_reward_fn(fn, name: str, examples: list[dict], completions: list[str], 
             error = (f"--reward-fn {name}: returned shape {tuple(scores.shape)}, expected a list of "
                      f"{len(examples)} floats")
         elif not torch.isfinite(scores).all():
-            bad = [e["loc"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
+            bad = [e["source"] for e, s in zip(examples, scores.tolist()) if not math.isfinite(s)]
             error = f"--reward-fn {name}: returned a non-finite score for rows {bad[:8]}"
     except SystemExit as stop:  # sys.exit() in a reward function must not end the run as if it had succeeded
-        error = f"--reward-fn {name}: called sys.exit({stop.code!r}) on rows {[x['loc'] for x in examples][:8]}"
+        error = f"--reward-fn {name}: called sys.exit({stop.code!r}) on rows {[x['source'] for x in examples][:8]}"
     except Exception as e:  # noqa: BLE001 - user code: any failure is reported as one line
         error = f"--reward-fn {name}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     agree_on_error(error)
     return scores
 
 
-def stopwatch(device: torch.device):
-    """Each call returns the seconds since the previous one (CUDA work finished first): ppo.py's and grpo.py's
-    per-phase times."""
-    last = time.perf_counter()
+class Scorer:
+    """Scores a rollout: a reward model at the token it was trained on, or else the weighted sum of reward functions
+    on each sequence's final reply. -> (scores [N], {function name: its rewards [N]})."""
 
-    def lap() -> float:
-        nonlocal last
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        elapsed, last = now - last, now
-        return elapsed
-    return lap
+    def __init__(self, trainer, reward_fns: list[tuple[str, object]], weights: list[float] | None = None,
+                 reward_model: nn.Module | None = None):
+        self.trainer, self.fns, self.reward_model = trainer, reward_fns, reward_model
+        self.weights = torch.tensor(weights or [1.0] * len(reward_fns), device=trainer.device)
+
+    def __call__(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tr = self.trainer
+        if self.reward_model is None:
+            per_fn = torch.stack([call_reward_fn(fn, name, ro.examples, ro.texts, tr.device) for name, fn in self.fns],
+                                 1)
+            return per_fn @ self.weights, {name: col for (name, _), col in zip(self.fns, per_fn.T)}
+        ids, attn = left_pad(ro.prompt_ids, tr.tokenizer.pad_token_id)
+        present = torch.arange(ro.completions.shape[1], device=tr.device)[None] < ro.lengths[:, None]
+        with tr.autocast():
+            return reward_model_scores(self.reward_model, torch.cat([ids.to(tr.device), ro.completions], 1),
+                                       torch.cat([attn.to(tr.device), present.long()], 1)), {}
+
+
+def load_reward_model(trainer, path: str, policy: nn.Module) -> nn.Module:
+    """--reward-model: a sequence classifier with one output that reads the policy's token ids (reward.py's export,
+    or one from TRL's RewardTrainer); under FSDP on the meta device, to be sharded like the policy."""
+    from transformers import AutoModelForSequenceClassification
+    a = trainer.args
+    rm = load_model(path, a.trust_remote_code, trainer.dist.local_rank, auto_class=AutoModelForSequenceClassification,
+                    flag="--reward-model", meta=trainer.fsdp)
+    if not any(x.endswith("ForSequenceClassification") for x in rm.config.architectures or []):
+        raise UserError(f"--reward-model {path}: not a sequence classifier (its config says "
+                        f"{rm.config.architectures}); train one with reward.py")
+    reward_head(rm)  # refuses heads of several outputs
+    if rm.config.vocab_size != policy.config.vocab_size:
+        raise UserError(f"--reward-model {path}: vocabulary of {rm.config.vocab_size} tokens, the policy has "
+                        f"{policy.config.vocab_size}: they must share a tokenizer")
+    return rm
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(1)
+
+
+def reward_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence classifier; a head of several outputs is not a reward model."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            if head.out_features != 1:
+                raise UserError(f"--reward-model: its `{name}` head has {head.out_features} outputs; a reward model "
+                                f"has one (num_labels=1)")
+            return head
+    raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
+
+
+def reward_token_index(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] the token whose hidden state a reward model scores: the one it was trained on. reward.py's models
+    (config.reward_at_last_token) at the last token, the reply's end-of-turn token when it has one. Any other
+    sequence classifier where transformers' pooling reads it, which is where TRL's RewardTrainer trained it: the last
+    token that is not config.pad_token_id, i.e. with pad == EOS the token BEFORE the EOS."""
+    last = last_token_index(attention_mask)
+    if getattr(config, "reward_at_last_token", False) or config.pad_token_id is None:
+        return last
+    return last_token_index(attention_mask * (input_ids != config.pad_token_id))
+
+
+@torch.no_grad()
+def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar score at `reward_token_index` [B]; position ids from the mask so left padding is harmless."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+    at = reward_token_index(rm.config, input_ids, attention_mask)
+    return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The forward over prompt + completion
+
+
+def model_inputs(trainer, ro: Rollout) -> tuple[dict[str, torch.Tensor], list | None]:
+    """One forward's inputs for a rollout, its logits kept only where they predict a sampled token (in order):
+    (--padding-free) one packed row in which a prefix the sequences share (a group's prompt) appears once, or the
+    left-padded batch (environment messages between turns are context, never predicted)."""
+    device, n = trainer.device, ro.completions.shape[1]
+    present = torch.arange(n, device=ro.mask.device)[None] < ro.lengths[:, None]
+    if trainer.args.padding_free:
+        seqs = [p + c[m].tolist() for p, c, m in zip(ro.prompt_ids, ro.completions, present)]
+        in_loss = [[False] * len(p) + [bool(x) for x in f[m]] for p, f, m in zip(ro.prompt_ids, ro.mask, present)]
+        packed, segments = pack_for_labels(seqs, in_loss)
+        return {k: v.to(device) for k, v in packed.items()}, segments
+    ids, attn = left_pad(ro.prompt_ids, trainer.tokenizer.pad_token_id)
+    ids, attn = ids.to(device), attn.to(device)
+    input_ids = torch.cat([ids, ro.completions], 1)
+    attention_mask = torch.cat([attn, present.long()], 1)
+    keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+    keep[:, ids.shape[1] - 1:-1] = ro.mask.bool()  # position t predicts completion token t + 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "keep": keep,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}, None
+
+
+def rollout_batch(trainer, ro: Rollout, rows, per_seq: dict[str, torch.Tensor] | None = None) -> Batch:
+    """The sequences `rows` of a rollout as one micro-batch: the forward's inputs (model_inputs), `mask` [n, L] and
+    `labels` (the sampled ids, in order), plus `per_seq`'s tensors ([N, ...] each: advantages, old log-probs, ...)
+    for those rows."""
+    sub = ro.select(rows)
+    idx = torch.tensor(list(rows), device=ro.mask.device)
+    inputs, segments = model_inputs(trainer, sub)
+    tensors = inputs | {"mask": sub.mask, "labels": sub.completions[sub.mask.bool()]}
+    tensors |= {k: v[idx] for k, v in (per_seq or {}).items()}
+    return Batch(tensors, len(sub), sub.num_tokens(), sources=[e["source"] for e in sub.examples],
+                 attention_segments=segments)
+
+
+def token_logps(model: nn.Module, batch: Batch, temperature: float, entropy: bool = False):
+    """[n, L] log-probs of a rollout batch's sampled tokens under softmax(logits / temperature), the distribution they
+    were sampled from; 0 elsewhere. entropy=True: also that distribution's entropy at each sampled token [n, L] (no
+    gradient)."""
+    logits = kept_logits(model, batch.tensors, batch.attention_segments)
+    logps = scatter_tokens(batch["mask"], label_logps(logits, batch["labels"], temperature))
+    return (logps, scatter_tokens(batch["mask"], logits_entropy(logits, temperature))) if entropy else logps
+
+
+def scatter_tokens(mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Values of the sampled tokens, in order [M] -> [n, L] where mask is 1, 0 elsewhere."""
+    return torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask.bool(), flat)
+
+
+@torch.no_grad()
+def completion_logps(trainer, model: nn.Module, ro: Rollout, temperature: float | None = None) -> torch.Tensor:
+    """[N, L] token_logps of a whole rollout at --temperature (or `temperature`), no gradient (the old policy's, or
+    the reference's)."""
+    model.eval()
+    with trainer.autocast():
+        return token_logps(model, rollout_batch(trainer, ro, range(len(ro))), temperature or trainer.args.temperature)
+
+
+@torch.no_grad()
+def logits_entropy(logits: torch.Tensor, temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row [N] (fp32, in row chunks: no [N, V] fp32 copy at once)."""
+    out = []
+    for s in range(0, len(logits), chunk):
+        z = logits[s:s + chunk].float() / temperature
+        logp = torch.log_softmax(z, -1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> Mean:
+    """A per-token quantity as an exact mean over the sampled tokens of a whole step (micro-batches and ranks)."""
+    return Mean((x * mask).sum().detach(), mask.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Eval and logging
+
+
+@torch.no_grad()
+def evaluate_replies(trainer, examples: list[dict], batch_size: int, metrics_fn,
+                     max_new_tokens: int | None = None) -> dict[str, float]:
+    """Greedy replies to `examples`, split across ranks like training batches; metrics_fn(rollout) -> {name: mean
+    over its sequences}. Filler batches weigh 0. -> the means over all examples."""
+    window, world = MetricWindow(), trainer.dist.world_size
+    batches = rank_batches(examples, batch_size, trainer.dist.rank, world)
+    for mine, n_real in progress(batches, "eval", ceil_div(len(examples), batch_size * world)):
+        window.add(metrics_fn(sample(trainer, mine, greedy=True, max_new_tokens=max_new_tokens)), n_real)
+    return window.reduce(trainer.device, rates=False)
+
+
+def log_samples(trainer, rows: list[dict]) -> None:
+    """A few sampled replies of the step being made, on the console and in metrics.jsonl / wandb (every --log-every
+    steps). rows: {prompt, completion, and its scores}."""
+    step = trainer.global_step + 1
+    if step % trainer.args.log_every == 0:
+        for r in rows:
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("prompt", "completion"))
+            trainer.run_log.write(f"  sample: {r['prompt']!r} -> {r['completion']!r} ({scores})")
+        trainer.run_log.table(step, "samples", rows)
+
+
+def first_samples(ro: Rollout, scores: torch.Tensor, k: int = 3) -> list[dict]:
+    """The first k sequences as {prompt: the last user message, completion, reward} rows for log_samples."""
+    prompt = lambda e: e["prompt"] if isinstance(e["prompt"], str) else e["prompt"][-1]["content"]  # noqa: E731
+    return [{"prompt": prompt(e), "completion": t, "reward": s}
+            for e, t, s in zip(ro.examples[:k], ro.texts, scores.tolist())]

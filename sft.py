@@ -21,10 +21,9 @@ import tyro
 from torch import nn
 
 import tasks
-from common import Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_text, \
-    check_usable_rows, end_of_turn_ids, print0, run_main, train_eval_rows
-from packing import (encode_completion, encode_prompt, kept_logits, label_logps, pack_prefix_tree, render_chat,
-                     use_segment_attention)
+from common import (Batch, BaseTrainer, LossOutput, Mean, TrainArgs, UserError, add_lora, check_prompt, check_text,
+                    check_usable_rows, encode_completion, encode_prompt, end_of_turn_ids, kept_logits, label_logps,
+                    pack_for_labels, print0, render_chat, run_main, use_segment_attention)
 
 
 @dataclass
@@ -44,23 +43,24 @@ class Args(TrainArgs):
     """steps between log lines / metrics.jsonl records"""
 
 
-def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of the loss tokens; token_logps [N] -> scalar. The caller divides by the loss tokens of the whole
-    optimizer step (Batch.token_mean), so accumulation and world size do not change the gradient."""
-    return -token_logps.sum()
+def sft_loss(token_logps: torch.Tensor) -> Mean:
+    """The mean NLL over the loss tokens of the whole optimizer update; token_logps [N] -> this micro-batch's share,
+    Mean(summed NLL, N): the loop sums both over micro-batches and ranks, so accumulation and world size do not
+    change the gradient."""
+    return Mean(-token_logps.sum(), len(token_logps))
 
 
-def render(tok, messages: list[dict], loc: str) -> str:
-    return render_chat(tok, messages, loc, generation_prompt=False)
+def render(tok, messages: list[dict], source: str) -> str:
+    return render_chat(tok, messages, source, generation_prompt=False)
 
 
 PLACEHOLDER = "\ue000"  # a private-use character: no template trims, splits or rewrites it
 
 
-def tokenize_conversation(tok, messages: list[dict], loc: str,
+def tokenize_conversation(tok, messages: list[dict], source: str,
                           end_of_turn: list[int] | None = None) -> tuple[list[int], list[bool]]:
     """-> token ids of the rendered conversation and a loss mask: True on each assistant turn's content as the
-    template writes it, plus the end-of-turn token after it (any of `end_of_turn`, common.end_of_turn_ids; whitespace
+    template writes it, plus the end-of-turn token after it (any of `end_of_turn`, the trainer's; whitespace
     before it included). Headers, template glue (the newline after Gemma's <end_of_turn>, Qwen3's empty think block,
     DeepSeek-R1's role token) and all other messages are context.
 
@@ -69,9 +69,8 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
     turn's reasoning dropped, ...). No generation tags needed, and templates that do not render message by message
     (Qwen3's think block only on the last turn, Phi-3's closing EOS, Mistral's system prompt in the last user turn)
     work as well as those that do."""
-    end_of_turn = end_of_turn or end_of_turn_ids(tok)
-    stops = tok.convert_ids_to_tokens(end_of_turn)
-    full = render(tok, messages, loc)
+    stops = tok.convert_ids_to_tokens(end_of_turn or end_of_turn_ids(tok))
+    full = render(tok, messages, source)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     token_starts, token_ends = zip(*enc["offset_mapping"]) if ids else ((), ())
@@ -79,11 +78,11 @@ def tokenize_conversation(tok, messages: list[dict], loc: str,
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        other = render(tok, messages[:i] + [m | {"content": PLACEHOLDER}] + messages[i + 1:], loc)
+        other = render(tok, messages[:i] + [m | {"content": PLACEHOLDER}] + messages[i + 1:], source)
         start = common_prefix(full, other)
         end = len(full) - common_prefix(full[start:][::-1], other[start:][::-1])
         if end <= start:
-            raise UserError(f"{loc}: the chat template renders assistant message {i} as nothing (nothing to learn)")
+            raise UserError(f"{source}: the chat template renders assistant message {i} as nothing (nothing to learn)")
         rest = full[end:]
         glue = len(rest) - len(rest.lstrip())
         stop = next((s for s in stops if rest[glue:].startswith(s)), None)
@@ -102,13 +101,13 @@ def common_prefix(a: str, b: str) -> int:
     return lo
 
 
-def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: int,
+def tokenize_row(tok, row: dict, source: str, max_length: int, max_prompt_length: int,
                  end_of_turn: list[int] | None = None):
     """-> ({ids, mask}, truncated?) or (None, True) if no loss token survives truncation. prompt/completion rows: the
     prompt is cut from the left to max_prompt_length, then the completion from the right to max_length;
     conversations are cut from the right to max_length."""
     if "messages" in row:
-        ids, mask = tokenize_conversation(tok, row["messages"], loc, end_of_turn)
+        ids, mask = tokenize_conversation(tok, row["messages"], source, end_of_turn)
         truncated = len(ids) > max_length
         ids, mask = ids[:max_length], mask[:max_length]
     else:
@@ -127,56 +126,46 @@ def tokenize_row(tok, row: dict, loc: str, max_length: int, max_prompt_length: i
     return {"ids": ids, "mask": mask}, truncated
 
 
-def check_row(loc: str, row: dict) -> None:
+def check_row(source: str, row: dict) -> None:
     """{"messages": [...] with an assistant turn} or {"prompt", "completion"}; one line naming the row otherwise."""
     if "messages" in row:
-        check_text(loc, "messages", row["messages"])
+        check_text(source, "messages", row["messages"])
         turns = [j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"]
         if not turns:
-            raise UserError(f"{loc}: field 'messages' has no assistant turn (nothing to learn from)")
+            raise UserError(f"{source}: field 'messages' has no assistant turn (nothing to learn from)")
         if turns[0] == 0:
-            raise UserError(f"{loc}: field 'messages' starts with an assistant turn (a reply to nothing; the chat "
+            raise UserError(f"{source}: field 'messages' starts with an assistant turn (a reply to nothing; the chat "
                             f"template renders turns after a system or user message)")
         for j in turns:
             if not row["messages"][j]["content"].strip():
-                raise UserError(f"{loc}: field 'messages' message {j} (assistant) is empty")
+                raise UserError(f"{source}: field 'messages' message {j} (assistant) is empty")
         return
     if "prompt" not in row and "completion" not in row:
-        raise UserError(f"{loc}: expected a 'messages' list or 'prompt' and 'completion' fields, got keys "
+        raise UserError(f"{source}: expected a 'messages' list or 'prompt' and 'completion' fields, got keys "
                         f"{sorted(row)}")
-    check_text(loc, "prompt", row.get("prompt"))
-    check_text(loc, "completion", row.get("completion"), roles=("assistant",))
+    check_prompt(source, row.get("prompt"))
+    check_text(source, "completion", row.get("completion"), roles=("assistant",))
 
 
 def collate(examples: list[dict], pad_id: int, padding_free: bool) -> Batch:
     """Sequences -> one forward's tensors. `labels` are the loss tokens in sequence order; `keep` marks the positions
     that predict them (only there does the LM head run).
 
-    padding_free: one packed row (packing.pack_prefix_tree), each sequence attending only to itself; a prefix that
-    sequences share is laid out once, which is exact (each token sees exactly its own context). pack_prefix_tree
-    keeps every position from a sequence's first loss token on; positions that predict a non-loss token (a user turn
-    between two assistant turns) are then dropped from `keep`. Else a right-padded [B, L] batch."""
+    padding_free: one packed row (pack_for_labels), each sequence attending only to itself; a prefix that sequences
+    share is laid out once, which is exact (each token sees exactly its own context). Else a right-padded [B, L]
+    batch."""
     seqs = [e["ids"] for e in examples]
-    loss_at = [[k for k, m in enumerate(e["mask"]) if m] for e in examples]  # token indices in the loss
     segments = None
     if padding_free:
-        tensors, segments = pack_prefix_tree(seqs, [ks[0] for ks in loss_at])
-        # packed position predicting each token k >= first loss token, in sequence order; keep only loss tokens
-        positions = tensors["keep"][0].nonzero()[:, 0][tensors["logit_index"]]
-        in_loss = torch.tensor([m for e, ks in zip(examples, loss_at) for m in e["mask"][ks[0]:]])
-        positions = positions[in_loss]
-        keep = torch.zeros_like(tensors["keep"])
-        keep[0, positions] = True
-        tensors["keep"], tensors["logit_index"] = keep, (keep[0].cumsum(0) - 1)[positions]
+        tensors, segments = pack_for_labels(seqs, [e["mask"] for e in examples])
     else:
         width = max(map(len, seqs))
         tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
                    "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
                    "keep": torch.tensor([e["mask"][1:] + [False] * (width - len(e["mask"]) + 1) for e in examples])}
-    tensors["labels"] = torch.tensor([s[k] for s, ks in zip(seqs, loss_at) for k in ks])
-    n_loss = sum(map(len, loss_at))
-    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)), num_loss_tokens=n_loss,
-                 row_ids=[e["loc"] for e in examples], segments=segments)
+    tensors["labels"] = torch.tensor([t for e in examples for t, m in zip(e["ids"], e["mask"]) if m])
+    return Batch(tensors, num_samples=len(examples), num_tokens=sum(map(len, seqs)),
+                 sources=[e["source"] for e in examples], attention_segments=segments)
 
 
 class SFTTrainer(BaseTrainer):
@@ -192,24 +181,21 @@ class SFTTrainer(BaseTrainer):
 
     def setup_data(self) -> None:
         a = self.args
-        if tasks.is_task(a.dataset):
-            train_rows, eval_rows = tasks.sft_rows(a.dataset, False), tasks.sft_rows(a.dataset, True)
-        else:
-            train_rows, eval_rows = train_eval_rows(a)
+        train_rows, eval_rows = tasks.load_rows(a, "sft")
         self.train_data = self._tokenize(train_rows, "train")
         self.eval_data = self._tokenize(eval_rows, "eval")
         check_usable_rows(a, self.train_data, self.eval_data, eval_rows)
 
     def _tokenize(self, rows: list[tuple[str, dict]], split: str) -> list[dict]:
         out, truncated, dropped = [], 0, 0
-        for loc, row in rows:
-            check_row(loc, row)
-            ex, cut = tokenize_row(self.tokenizer, row, loc, self.args.max_length, self.args.max_prompt_length,
+        for source, row in rows:
+            check_row(source, row)
+            ex, cut = tokenize_row(self.tokenizer, row, source, self.args.max_length, self.args.max_prompt_length,
                                    self.end_of_turn)
             truncated += cut and ex is not None
             dropped += ex is None
             if ex is not None:
-                out.append(ex | {"loc": loc})
+                out.append(ex | {"source": source})
         n_loss = sum(sum(e["mask"]) for e in out)
         print0(f"{split}: {len(out)} sequences, {n_loss} loss tokens ({truncated} truncated, {dropped} dropped: no "
                f"loss token left within --max-length {self.args.max_length})")
@@ -219,13 +205,12 @@ class SFTTrainer(BaseTrainer):
         return collate(examples, self.tokenizer.pad_token_id, self.args.padding_free)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"])  # [N]
-        token_sum = sft_loss(token_logps)
-        # logged: the mean token NLL over the log window's loss tokens (the gradient uses the step's token count)
-        metrics = {"loss": Mean(token_sum.detach(), batch.num_loss_tokens)}
-        if model.training:  # loss tokens of the whole step, all micro-batches and ranks
-            metrics["num_tokens"] = batch.step_loss_tokens
-        return LossOutput(batch.token_mean(token_sum), metrics)
+        token_logps = label_logps(kept_logits(model, batch.tensors, batch.attention_segments), batch["labels"])  # [N]
+        loss = sft_loss(token_logps)
+        metrics = {"loss": Mean(loss.total.detach(), loss.count)}  # logged: the mean over the window's loss tokens
+        if model.training:  # loss tokens per step: each micro-batch adds its own, and 1 / (micro-batches x ranks)
+            metrics["num_tokens"] = Mean(loss.count, 1 / (self.args.gradient_accumulation_steps * self.dist.world_size))
+        return LossOutput(loss, metrics)
 
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate() if self.eval_data else {}

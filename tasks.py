@@ -16,12 +16,9 @@ from __future__ import annotations
 import random
 import re
 
-import torch
-from torch import nn
-
-from common import DistInfo, ceil_div, progress, rank_batches
-from packing import encode_prompt
-from rollout import generate, left_pad
+from plumbing.data import read_rows, train_eval_rows
+from plumbing.run import UserError
+from rollout import evaluate_replies, load_reward_fn, prompt_examples
 
 TASKS = {"arithmetic": 2, "arithmetic3": 3}  # name -> number of one-digit operands
 MAX_EVAL_QUESTIONS = 48  # a fixed sample of the held-out questions keeps greedy eval short
@@ -66,19 +63,20 @@ def reward(prompts: list, completions: list[str], answer: list[int], **_) -> lis
     return [float(first_integer(c) == a) for c, a in zip(completions, answer)]
 
 
-def _loc(task: str, q: tuple[int, ...]) -> str:
+def _source(task: str, q: tuple[int, ...]) -> str:
     return f"{task}:{'+'.join(map(str, q))}"
 
 
 def prompt_rows(task: str, held_out: bool) -> list[tuple[str, dict]]:
     """PPO / GRPO rows: the prompt and the answer (a field the reward function receives)."""
-    return [(_loc(task, q), {"prompt": prompt(q), "answer": sum(q)}) for q in questions(task, held_out)]
+    return [(_source(task, q), {"prompt": prompt(q), "answer": sum(q)}) for q in questions(task, held_out)]
 
 
 def sft_rows(task: str, held_out: bool) -> list[tuple[str, dict]]:
-    """SFT rows: the prompt and the bare number as the assistant's reply."""
-    return [(_loc(task, q), {"prompt": prompt(q), "completion": [{"role": "assistant", "content": str(sum(q))}]})
-            for q in questions(task, held_out)]
+    """SFT rows: the prompt and the bare number as the assistant's reply (and the operands, for distill.py's
+    few-shot teacher)."""
+    return [(_source(task, q), {"prompt": prompt(q), "completion": [{"role": "assistant", "content": str(sum(q))}],
+                             "operands": list(q)}) for q in questions(task, held_out)]
 
 
 def preference_rows(task: str, held_out: bool, per_question: int = 4) -> list[tuple[str, dict]]:
@@ -93,45 +91,50 @@ def preference_rows(task: str, held_out: bool, per_question: int = 4) -> list[tu
         wrong = sorted({s + 1, s - 1, s + 2, s - 2, prod, abs(q[0] - q[1]), *q} - {s})
         wrong = [w for w in wrong if w >= 0]
         for w in rng.sample(wrong, min(per_question, len(wrong))):
-            rows.append((_loc(task, q), {"prompt": prompt(q), "chosen": [{"role": "assistant", "content": str(s)}],
+            rows.append((_source(task, q), {"prompt": prompt(q), "chosen": [{"role": "assistant", "content": str(s)}],
                                          "rejected": [{"role": "assistant", "content": str(w)}]}))
     return rows
 
 
-@torch.no_grad()
-def greedy_accuracy(model: nn.Module, tok, task: str, autocast, dist_info: DistInfo, synced: bool = False,
-                    batch_size: int = 32, max_new_tokens: int = 8, gather: bool = False) -> tuple[float, list[str]]:
-    """Greedy replies to the held-out questions, scored by the verifier; questions split over ranks, counts summed.
-    synced / gather: FSDP (rollout.generate).
-    -> (accuracy, a few 'question -> reply' lines)."""
-    was_training = model.training
-    model.eval()
-    correct, seen, replies = 0, 0, []
-    qs = questions(task, held_out=True)
-    batches = rank_batches(qs, batch_size, dist_info.rank, dist_info.world_size)
-    for mine, n_real in progress(batches, "greedy eval", ceil_div(len(qs), batch_size * dist_info.world_size)):
-        ids, mask = left_pad([encode_prompt(tok, prompt(q)) for q in mine], tok.pad_token_id)
-        with autocast():
-            completions, _, _ = generate(model, tok, ids.to(dist_info.device), mask.to(dist_info.device),
-                                         max_new_tokens, synced=synced, gather=gather)
-        texts = tok.batch_decode(completions, skip_special_tokens=True)
-        for q, text in list(zip(mine, texts))[:n_real]:
-            correct += first_integer(text) == sum(q)
-            replies.append(f"{' + '.join(map(str, q))} -> {text.strip()!r}")
-        seen += n_real
-    model.train(was_training)
-    counts = torch.tensor([correct, seen], dtype=torch.float64, device=dist_info.device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    return (counts[0] / counts[1].clamp(min=1)).item(), replies
+def reward_fns(specs: list[str], dataset: str, other: str = "") -> list[tuple[str, object]]:
+    """(name, function) of each --reward-fn, or on a built-in task its verifier (`tasks:reward`)."""
+    if specs:
+        return [(spec, load_reward_fn(spec)) for spec in specs]
+    if is_task(dataset):
+        return [("tasks:reward", reward)]
+    raise UserError(f"--dataset {dataset}: pass --reward-fn module:function{other}")
 
 
-def greedy_eval(trainer) -> dict[str, float]:
-    """A trainer's eval on a built-in task: {"greedy_accuracy": ...} on the held-out questions (a few replies
-    printed); {} on any other dataset."""
+def load_rows(args, kind: str) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(train rows, eval rows) of one kind ("sft", "preference" or "prompt"): a built-in task's own rows and
+    held-out split, else --dataset's rows and a held-out slice of them; --eval-dataset, when given, is the eval set
+    either way."""
+    if not is_task(args.dataset):
+        return train_eval_rows(args.dataset, args.eval_dataset, args.eval_size)
+    make = {"sft": sft_rows, "preference": preference_rows, "prompt": prompt_rows}[kind]
+    eval_rows = read_rows(args.eval_dataset, split="test") if args.eval_dataset else make(args.dataset, True)
+    return make(args.dataset, False), eval_rows
+
+
+def accuracy(dataset: str, ro) -> dict[str, float]:
+    """{"greedy_accuracy": the verifier's mean over a rollout's replies} on a built-in task, else {}."""
+    if not is_task(dataset):
+        return {}
+    return {"greedy_accuracy": sum(reward(None, ro.texts, [e["fields"]["answer"] for e in ro.examples])) / len(ro)}
+
+
+def greedy_eval(trainer, max_new_tokens: int = 8) -> dict[str, float]:
+    """A trainer's eval on a built-in task: {"greedy_accuracy": ...}, the verifier's mean over greedy replies to the
+    held-out questions (a few printed); {} on any other dataset."""
     if not is_task(trainer.args.dataset):
         return {}
-    acc, replies = greedy_accuracy(trainer.model, trainer.tokenizer, trainer.args.dataset, trainer.autocast,
-                                   trainer.dist, synced=trainer.fsdp, gather=trainer.args.gather_for_generation)
-    trainer.write("  sample replies: " + "; ".join(replies[:4]))
-    return {"greedy_accuracy": acc}
+    examples = prompt_examples(trainer.tokenizer, prompt_rows(trainer.args.dataset, True), 10**9, split=None)
+    replies = []
+
+    def verified(ro) -> dict:
+        replies.extend(f"{e['source'].split(':')[1].replace('+', ' + ')} -> {t.strip()!r}"
+                       for e, t in zip(ro.examples, ro.texts))
+        return accuracy(trainer.args.dataset, ro)
+    metrics = evaluate_replies(trainer, examples, 32, verified, max_new_tokens=max_new_tokens)
+    trainer.run_log.write("  sample replies: " + "; ".join(replies[:4]))
+    return metrics

@@ -83,17 +83,17 @@ def checkpoint_weights(ckpt_dir) -> dict:
 
 def pair_example(tok, row: dict, max_length: int, max_prompt_length: int):
     """A preference row as dpo.py tokenizes it: ({prompt, completions: [chosen, rejected]}, truncated?)."""
-    from packing import tokenize_completions
+    from plumbing.data import tokenize_completions
     return tokenize_completions(tok, row["prompt"], [row["chosen"], row["rejected"]], max_length, max_prompt_length)
 
 
 def pair_batch(exs: list[dict], pad_id: int, padding_free: bool):
     """dpo.py's micro-batch layout: chosen then rejected sequences of every pair ([c_1..c_B, r_1..r_B])."""
     from common import Batch
-    from packing import collate_completions
+    from plumbing.logprobs import collate_completions
     pairs = [(e["prompt"], e["completions"][k]) for k in (0, 1) for e in exs]
     tensors, segments = collate_completions(pairs, pad_id, padding_free)
-    return Batch(tensors, len(exs), sum(len(p) + len(c) for p, c in pairs), segments=segments)
+    return Batch(tensors, len(exs), sum(len(p) + len(c) for p, c in pairs), attention_segments=segments)
 
 
 def naive_logps(model, tok, exs):
@@ -144,12 +144,13 @@ def synced_grads(trainer) -> dict:
 
 
 def capture_grads(trainer):
-    """Record synced_grads at each optimizer update (BaseTrainer.clip_gradients runs once per update)."""
+    """Record the synced gradients of each optimizer update, scaled to the update's mean (BaseTrainer.clip_gradients
+    runs once per update)."""
     grads, clip = [], trainer.clip_gradients
 
-    def wrapped():
-        grads.append(synced_grads(trainer))
-        return clip()
+    def wrapped(scale=1.0):
+        grads.append({n: g * scale for n, g in synced_grads(trainer).items()})
+        return clip(scale)
     trainer.clip_gradients = wrapped
     return grads
 
@@ -222,55 +223,97 @@ def write_prompt_task(d: Path, n: int = 24) -> Path:
     return d
 
 
-def fixed_grpo_rollout(trainer, groups: list[int], old_policy_shift: float = 0.0) -> dict:
-    """A deterministic GRPO rollout (no sampling) of train prompts `groups`: ragged completions, some without EOS,
-    each group's rewards fixed by its index (group 0: all equal). The same global group gets the same rollout on any
-    rank, so a rank's share of a global batch is exactly its groups' rollouts. old_policy_shift > 0 (with
-    --num-iterations > 1) moves the old policy's log-probs by seeded noise of that size, so ratios differ from 1."""
-    from rollout import truncate_after_eos
-    G, L, eos = trainer.args.num_generations, trainer.args.max_new_tokens, trainer.tokenizer.eos_token_id
-    examples, comps, rewards = [], [], []
-    for g in groups:
-        gen = torch.Generator().manual_seed(100 + g)
-        for k in range(G):
+def fixed_rollout(trainer, examples: list[dict], num_samples: int):
+    """A deterministic rollout (no sampling) of each example's num_samples completions, seeded by the example's place
+    in the training data: ragged, the first completion of each group never ends (truncated at --max-new-tokens). The
+    same example gets the same completions on any rank."""
+    from plumbing.generation import truncate_after_eos
+    from rollout import Rollout
+    L, eos, tok = trainer.args.max_new_tokens, trainer.tokenizer.eos_token_id, trainer.tokenizer
+    comps = []
+    for e in examples:
+        gen = torch.Generator().manual_seed(100 + _index(trainer, e))
+        for k in range(num_samples):
             n = int(torch.randint(1, L + 1, (1,), generator=gen))
             ids = torch.randint(0, eos, (L,), generator=gen)
-            if k:  # the first completion of each group never ends: truncated at max_new_tokens
+            if k:
                 ids[n - 1] = eos
             comps.append(ids)
-            examples.append(trainer.train_data[g])
-        rewards += [0.5] * G if g == 0 else torch.rand(G, generator=gen).tolist()
-    completions, mask, has_eos = truncate_after_eos(torch.stack(comps), eos, trainer.tokenizer.pad_token_id)
-    t = trainer.build_rollout(examples, trainer.make_batch(examples), completions, mask, has_eos,
-                              torch.tensor(rewards))
-    t.pop("zero_std")
-    if old_policy_shift:
-        noise = [torch.randn(G, L, generator=torch.Generator().manual_seed(200 + g)) for g in groups]
-        t["old_logps"] = t["old_logps"] + old_policy_shift * torch.cat(noise)[:, :t["old_logps"].shape[1]]
-    return t
+    completions, mask, has_eos = truncate_after_eos(torch.stack(comps), eos, tok.pad_token_id)
+    group = [e for e in examples for _ in range(num_samples)]
+    return Rollout(group, [e["prompt_ids"] for e in group], completions, mask, mask.sum(1).long(), has_eos,
+                   tok.batch_decode(completions, skip_special_tokens=True))
 
 
-def grads_per_variant(trainer, rollout: dict) -> dict:
-    """"loss_type/level" -> the synced gradients of one update on `rollout`, for every GRPO --loss-type with token-
-    and sequence-level (GSPO) importance sampling; the trainer's own flags are put back."""
+def _index(trainer, example) -> int:
+    return next(i for i, e in enumerate(trainer.train_data) if e is example)
+
+
+def fixed_rewards(trainer, ro, num_samples: int) -> torch.Tensor:
+    """Each group's rewards fixed by its example's place in the training data (example 0's all equal)."""
+    out = []
+    for e in ro.examples[::num_samples]:
+        i = _index(trainer, e)
+        out += [0.5] * num_samples if i == 0 else torch.rand(num_samples, generator=torch.Generator().manual_seed(
+            300 + i)).tolist()
+    return torch.tensor(out)
+
+
+def grpo_micro_batches(trainer, groups: list[int], old_policy_shift: float = 0.0) -> list:
+    """The micro-batches of the first update of one real GRPO iteration (`training_step`) on training examples
+    `groups` (this rank's share), with fixed_rollout for the sampling and fixed_rewards for the scoring. The update
+    itself is not run. old_policy_shift > 0 (with --num-iterations > 1) moves the old policy's log-probs by seeded
+    noise of that size, so ratios differ from 1."""
+    import grpo
+    from common import StepOutput
+    G, recorded = trainer.args.num_generations, []
+    saved = grpo.sample, grpo.Scorer.__call__, grpo.completion_logps
+
+    def old_or_ref_logps(tr, model, ro):
+        logps = saved[2](tr, model, ro)
+        if old_policy_shift and model is tr.model:  # the old policy's
+            noise = torch.cat([torch.randn(G, logps.shape[1], generator=torch.Generator().manual_seed(
+                200 + _index(tr, e))) for e in ro.examples[::G]])
+            logps = logps + old_policy_shift * noise * ro.mask
+        return logps
+    grpo.sample = lambda tr, examples, num_samples=1, **kw: fixed_rollout(tr, examples, num_samples)
+    grpo.Scorer.__call__ = lambda self, ro: (fixed_rewards(trainer, ro, G), {})
+    grpo.completion_logps = old_or_ref_logps
+    trainer.next_examples = lambda: [trainer.train_data[i] for i in groups]
+    trainer.update = lambda micro_batches: recorded.append(micro_batches) or StepOutput({}, 0)
+    try:
+        trainer.training_step()
+    finally:
+        grpo.sample, grpo.Scorer.__call__, grpo.completion_logps = saved
+        del trainer.next_examples, trainer.update
+    return recorded[0]
+
+
+def grads_per_variant(trainer, micro_batches: list) -> dict:
+    """"loss_type/level" -> the synced gradients of one update on `micro_batches`, for every GRPO --loss-type with
+    token- and sequence-level (GSPO) importance sampling; the trainer's own flags are put back."""
     from grpo import ImportanceSamplingLevel, LossType
     a, grads = trainer.args, {}
     saved = a.loss_type, a.importance_sampling_level
     for level in ImportanceSamplingLevel:
         for lt in LossType:
             a.loss_type, a.importance_sampling_level = lt, level
-            grads[f"{lt}/{level}"] = update_grads(trainer, trainer.micro_batches(rollout))
+            grads[f"{lt}/{level}"] = update_grads(trainer, micro_batches)
     a.loss_type, a.importance_sampling_level = saved
     return grads
 
 
 def update_grads(trainer, micro_batches) -> dict:
-    """The synced gradients of one optimizer update over micro_batches; the update itself is skipped."""
+    """The synced gradients of one optimizer update over micro_batches (scaled to the update's mean); the update
+    itself is skipped."""
     grads, clip, step = [], trainer.clip_gradients, trainer.optimizer.step
-    trainer.clip_gradients = lambda: grads.append(synced_grads(trainer)) or clip()
-    trainer.optimizer.step = lambda *a, **k: None
+
+    def record(scale=1.0):
+        grads.append({n: g * scale for n, g in synced_grads(trainer).items()})
+        return clip(scale)
+    trainer.clip_gradients, trainer.optimizer.step = record, lambda *a, **k: None
     try:
-        trainer.optimizer_update(micro_batches)
+        trainer.update(micro_batches)
     finally:
         trainer.optimizer.step, trainer.clip_gradients = step, clip
     return grads[0]

@@ -30,7 +30,8 @@ def worker():
     # what every run pays whatever the model's size, before the baseline: model code, tokenizer, process group
     from transformers import AutoModelForCausalLM  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
-    from common import load_tokenizer, setup_distributed
+    from plumbing.models import load_tokenizer
+    from plumbing.run import setup_distributed
     setup_distributed()
     load_tokenizer(args.model)
     gc.collect()

@@ -9,7 +9,8 @@ import torch
 from conftest import (build_tokenizer, pair_batch, pair_example, checkpoint_weights, dpo_args, read_metrics, run,
                       tiny_flags)
 from dpo import DPOTrainer, LossType, dpo_loss
-from packing import encode_completion, sequence_logps
+from plumbing.data import encode_completion
+from plumbing.logprobs import sequence_logps
 
 
 PC, PR, RC, RR = [-4.0, -9.0], [-6.0, -5.0], [-5.0, -7.0], [-5.5, -6.5]
@@ -98,7 +99,7 @@ def test_dpo_gradient_direction():
 
 def _examples(tok, n=3):
     rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
-    return [pair_example(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+    return [pair_example(tok, r, 64, 32)[0] | {"source": f"row{i}"} for i, r in enumerate(rows)]
 
 def test_encode_completion_appends_eos_once():
     tok = build_tokenizer()
@@ -260,7 +261,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file
     """Under LoRA no frozen copy is made; after training, the reference log-probs are still the base model's."""
     from transformers import AutoModelForCausalLM
 
-    from packing import use_segment_attention
+    from plumbing.packing import use_segment_attention
     t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, lora_r=4, total_steps=3))
     assert t.ref_model is None
     assert all("lora_" in n for n, p in t.model.named_parameters() if p.requires_grad)

@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
-from common import Batch, UserError
-from conftest import ENV, ROOT, fixed_grpo_rollout, grads_per_variant, read_metrics, update_grads, write_prompt_task
+import grpo
+from common import Mean, UserError
+from conftest import ENV, ROOT, grads_per_variant, grpo_micro_batches, read_metrics, update_grads, write_prompt_task
 from grpo import (AdvantageType, Args, GRPOTrainer, ImportanceSamplingLevel, LossType, ScaleRewards, aggregate_loss,
                   clipped_token_loss, group_advantages, k3_kl, main)
+from rollout import token_logps
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +43,16 @@ def test_loss_aggregations_match_their_formulas_on_ragged_masks():
     dapo = sum(sum(r) for r in rows) / sum(RAGGED)
     assert aggregate_loss(per_token, mask, LossType.grpo, 7).item() == pytest.approx(grpo, rel=1e-6)
     assert aggregate_loss(per_token, mask, LossType.dr_grpo, 7).item() == pytest.approx(dr_grpo, rel=1e-6)
-    assert aggregate_loss(per_token, mask, LossType.dapo, 7).item() == pytest.approx(dapo, rel=1e-6)
-    # dapo's normaliser comes from outside (the whole step's token count)
-    assert aggregate_loss(per_token, mask, LossType.dapo, 7, lambda s: s / 100).item() == pytest.approx(
-        sum(sum(r) for r in rows) / 100, rel=1e-6)
+    # dapo's is a Mean: its count is summed with the other micro-batches' and ranks' by the loop
+    d = aggregate_loss(per_token, mask, LossType.dapo, 7)
+    assert isinstance(d, Mean) and d.count.item() == sum(RAGGED)
+    assert (d.total / d.count).item() == pytest.approx(dapo, rel=1e-6)
     # padding values never leak in
+    value = lambda x: x.total / x.count if isinstance(x, Mean) else x  # noqa: E731
     noisy = per_token + (1 - mask) * 1e6
     for lt in LossType:
-        torch.testing.assert_close(aggregate_loss(noisy, mask, lt, 7), aggregate_loss(per_token, mask, lt, 7))
+        torch.testing.assert_close(value(aggregate_loss(noisy, mask, lt, 7)),
+                                   value(aggregate_loss(per_token, mask, lt, 7)))
 
 
 def test_advantages_against_hand_computation():
@@ -120,17 +124,14 @@ def test_gspo_in_the_trainer_against_its_formula(tiny_model_dir, task_dir, tmp_p
     monkeypatch.syspath_prepend(str(task_dir))
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, num_iterations=2, mask_truncated_completions=True,
                            importance_sampling_level="sequence", loss_type="grpo"))
-    t = fixed_grpo_rollout(tr, [1, 2])
-    gen = torch.Generator().manual_seed(0)
-    t["old_logps"] = t["old_logps"] + 0.3 * torch.randn(t["old_logps"].shape, generator=gen) * t["completion_mask"]
-    (mb,) = tr.micro_batches(t)
+    (mb,) = grpo_micro_batches(tr, [1, 2], old_policy_shift=0.3)
     with torch.no_grad():
         out = tr.compute_loss(tr.model, mb)
-        logps = tr.completion_logps(tr.model, t)
-    mask = t["loss_mask"]
-    assert (mask.sum(1) == 0).any() and (mask != t["completion_mask"]).any()  # truncated ones: no loss tokens
-    s = (((logps - t["old_logps"]) * mask).sum(1) / mask.sum(1).clamp(min=1)).exp()
-    adv = t["advantages"]
+        logps = token_logps(tr.model, mb, tr.args.temperature)
+    mask, old = mb["loss_mask"], mb["old_logps"]
+    assert (mask.sum(1) == 0).any() and (mask != mb["mask"]).any()  # truncated ones: no loss tokens
+    s = (((logps - old) * mask).sum(1) / mask.sum(1).clamp(min=1)).exp()
+    adv = mb["advantages"]
     per_seq = -torch.min(s * adv, s.clamp(0.8, 1.2) * adv) * (mask.sum(1) > 0)
     assert ((s < 0.8) | (s > 1.2)).any() and ((s > 0.8) & (s < 1.2) & (mask.sum(1) > 0)).any()
     torch.testing.assert_close(out.loss, per_seq.mean())
@@ -161,43 +162,46 @@ def test_k3_kl_is_unbiased_and_nonnegative():
 # --- the trainer ------------------------------------------------------------------------------------------------------
 def test_dapo_normalisation_invariant_to_accumulation(tiny_model_dir, task_dir, tmp_path, monkeypatch):
     """One update on a fixed rollout of 4 groups: batch 4 in one micro-batch == 2 micro-batches of 2 groups, for
-    every loss type (DAPO needs the step's token count; grpo/dr_grpo are means over sequences); a per-micro-batch
+    every loss type (DAPO needs the update's token count; grpo/dr_grpo are means over sequences); a per-micro-batch
     token mean would differ (the check can fail)."""
     monkeypatch.syspath_prepend(str(task_dir))
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, max_grad_norm=0.0, beta=0.1, num_iterations=2,
                            mask_truncated_completions=True, scale_rewards="batch"))
-    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
-    assert {"old_logps", "ref_logps"} <= t.keys() and (t["loss_mask"].sum(1) == 0).any()
+    tr.args.gradient_accumulation_steps = 1
+    whole = grpo_micro_batches(tr, [0, 1, 2, 3])
+    assert {"old_logps", "ref_logps"} <= whole[0].tensors.keys() and (whole[0]["loss_mask"].sum(1) == 0).any()
+    tr.args.gradient_accumulation_steps = 2
+    halves = grpo_micro_batches(tr, [0, 1, 2, 3])
+    assert len(halves) == 2 and halves[0]["loss_mask"].sum() != halves[1]["loss_mask"].sum()  # ragged: can tell
     for lt in LossType:
         tr.args.loss_type = lt
-        tr.args.gradient_accumulation_steps = 1
-        one = update_grads(tr, tr.micro_batches(t))
-        tr.args.gradient_accumulation_steps = 2
-        mbs = tr.micro_batches(t)
-        assert len(mbs) == 2 and mbs[0].num_loss_tokens != mbs[1].num_loss_tokens  # ragged: the test can tell
-        two = update_grads(tr, mbs)
+        one, two = update_grads(tr, whole), update_grads(tr, halves)
         assert one.keys() == two.keys() and one
         for n in one:
             torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{lt} {n}: {m}")
-    monkeypatch.setattr(Batch, "token_mean", lambda self, s: s / self.num_loss_tokens)  # per micro-batch
-    naive = update_grads(tr, mbs)
+    per_micro_batch = lambda per_token, mask, *a: (per_token * mask).sum() / mask.sum()  # a token mean per micro-batch
+    monkeypatch.setattr(grpo, "aggregate_loss", per_micro_batch)
+    naive = update_grads(tr, halves)
     assert any(not torch.allclose(naive[n], one[n], rtol=1e-3) for n in one)
 
 
 def test_groups_stay_whole_and_share_their_prompt(tiny_model_dir, task_dir, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(task_dir))
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, gradient_accumulation_steps=2))
-    t = fixed_grpo_rollout(tr, [0, 1, 2, 3])
-    for b in tr.micro_batches(t):
-        assert b.num_samples == 8  # two whole groups of 4
-        inputs, _ = tr.model_inputs(b.tensors)
-        prompt_tokens = b["attention_mask"][:, :-t["completions"].shape[1]].sum(1)
+    packed = grpo_micro_batches(tr, [0, 1, 2, 3])
+    prompt_length = {e["source"]: len(e["prompt_ids"]) for e in tr.train_data}
+    for b in packed:
+        prompts = {s: prompt_length[s] for s in b.sources}
+        assert b.num_samples == len(b.sources) == 8 and len(prompts) == 2  # two whole groups of 4
         # each group's prompt appears once in the packed row, not once per completion
-        assert inputs["input_ids"].numel() <= b["completion_mask"].sum() + prompt_tokens[::4].sum()
+        assert b["input_ids"].numel() <= b["mask"].sum() + sum(prompts.values())
     # packed forward == left-padded forward
-    logps = tr.completion_logps(tr.model, t)
     tr.args.padding_free = False
-    torch.testing.assert_close(tr.completion_logps(tr.model, t), logps, rtol=1e-5, atol=1e-5)
+    padded = grpo_micro_batches(tr, [0, 1, 2, 3])
+    with torch.no_grad():
+        for p, q in zip(packed, padded):
+            torch.testing.assert_close(token_logps(tr.model, q, 0.7), token_logps(tr.model, p, 0.7), rtol=1e-5,
+                                       atol=1e-5)
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.6])
@@ -206,7 +210,7 @@ def test_sampler_draws_from_softmax_over_temperature_and_the_nucleus(top_p):
     outside it (or at -inf) never appear."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from rollout import CategoricalSampler
+    from plumbing.generation import CategoricalSampler
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -math.inf], [0.3, 0.2, 0.1, 0.0, -0.1, -0.2]])
     target = torch.softmax(logits / 0.7, -1)
@@ -226,8 +230,9 @@ def test_one_prefill_per_prompt_samples_as_repeated_prompts(tiny_model_dir):
     the prompt goes through the model once per prompt, not once per sample."""
     from transformers import AutoModelForCausalLM
 
-    from common import load_tokenizer
-    from rollout import generate, left_pad
+    from plumbing.generation import generate
+    from plumbing.models import load_tokenizer
+    from rollout import left_pad
     tok, model = load_tokenizer(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids, mask = left_pad([tok("the cat sat")["input_ids"], tok("a dog ran up the mat")["input_ids"]], tok.pad_token_id)
     rep = [t.repeat_interleave(3, 0) for t in (ids, mask)]
@@ -274,6 +279,18 @@ TRAIN_KEYS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_
               "lr", "time/generation", "time/scoring", "time/logprobs", "time/update")
 
 
+# an update's metrics: absent from a log window whose steps made no update (every completion truncated and masked:
+# nothing to average the loss over)
+UPDATE_KEYS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm", "kl")
+
+
+def finite_keys(records: list[dict], keys) -> bool:
+    """Each key finite wherever logged; a rollout key in every record, an update key in one at least."""
+    return all(math.isfinite(m[f"train/{k}"]) for m in records for k in keys if f"train/{k}" in m) and all(
+        all(f"train/{k}" in m for m in records) if k not in UPDATE_KEYS else any(f"train/{k}" in m for m in records)
+        for k in keys)
+
+
 def _flags(model, task_dir, out, **kw):
     flags = dict(model=model, dataset=task_dir / "prompts.jsonl", output_dir=out, precision="fp32", batch_size=2,
                  num_generations=4, total_steps=2, learning_rate=1e-3, log_every=1, eval_every=0, save_every=0,
@@ -294,7 +311,7 @@ def test_smoke_run_with_reference_and_several_updates(tiny_model_dir, task_dir, 
     train = [m for m in read_metrics(out) if "train/reward" in m]
     assert [m["step"] for m in train] == [1, 2, 3]
     for key in TRAIN_KEYS + ("kl", "rewards/my_rewards:count_a/mean", "rewards/my_rewards:length/mean"):
-        assert all(math.isfinite(m[f"train/{key}"]) for m in train), key
+        assert finite_keys(train, [key]), key
     for m in train:  # the weighted sum of the functions' means
         assert m["train/reward"] == pytest.approx(m["train/rewards/my_rewards:count_a/mean"]
                                                   + 0.5 * m["train/rewards/my_rewards:length/mean"], rel=1e-5)
@@ -311,8 +328,7 @@ def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path
     common = dict(max_grad_norm=0.0, beta=0.1, num_iterations=2, mask_truncated_completions=True,
                   scale_rewards="batch")
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path / "single", **common))
-    t = fixed_grpo_rollout(tr, [0, 1, 2, 3], old_policy_shift=0.1)
-    single = grads_per_variant(tr, t)
+    single = grads_per_variant(tr, grpo_micro_batches(tr, [0, 1, 2, 3], old_policy_shift=0.1))
     assert len(single) == 2 * len(LossType)
     for lt in LossType:  # ratios away from 1: the sequence-level gradient is not the token-level one
         g_tok, g_seq = single[f"{lt}/token"], single[f"{lt}/sequence"]
@@ -329,7 +345,7 @@ def test_torchrun_parity_smoke_and_bad_reward(tiny_model_dir, task_dir, tmp_path
         for n in grads:
             torch.testing.assert_close(ddp[lt][n], grads[n], rtol=2e-4, atol=1e-6, msg=lambda m: f"{lt} {n}: {m}")
     train = [m for m in read_metrics(tmp_path / "ddp") if "train/reward" in m]
-    assert len(train) == 2 and all(math.isfinite(m[f"train/{k}"]) for m in train for k in TRAIN_KEYS)
+    assert len(train) == 2 and finite_keys(train, TRAIN_KEYS)
     bad = _flags(tiny_model_dir, task_dir, tmp_path / "bad") + ["--reward-fn=my_rewards:nan"]
     r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29563", "grpo.py"] + bad, cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from common import Mean, MetricWindow, UserError
+from common import Mean, UserError
+from plumbing.metrics import MetricWindow
 from conftest import capture_grads, naive_logps, read_metrics, tiny_flags, torchrun_grads_match
-from kto import Args, KTOTrainer, kto_loss, with_kl_completions
+from kto import Args, KTOTrainer, kto_loss, with_mismatched_completions
 
 
 def write_feedback(path, n: int, seed: int = 0) -> str:
@@ -82,7 +83,7 @@ def test_kto_gradients():
 
 def test_kl_pairs_rotate_the_batch_completions():
     rows = [{"prompt": [i], "completion": [10 + i], "label": True} for i in range(4)]
-    paired = with_kl_completions(rows)
+    paired = with_mismatched_completions(rows)
     assert [e["completions"] for e in paired] == [[[10], [13]], [[11], [10]], [[12], [11]], [[13], [12]]]
     # the mismatched completions are the batch's own, each with another prompt
     assert sorted(e["completions"][1] for e in paired) == sorted(e["completion"] for e in rows)
@@ -99,7 +100,7 @@ def test_rows_unpaired_and_labels_checked(tiny_model_dir, feedback_file, tmp_pat
     assert sum(e["label"] for e in t.train_data) == n_d
     assert f"train: {len(rows) + n_pref} rows, {n_d} desirable" in capsys.readouterr().out
     pref = next(i for i, r in enumerate(rows) if "chosen" in r)
-    mine = [e for e in t.train_data if e["loc"].endswith(f":{pref + 1}")]
+    mine = [e for e in t.train_data if e["source"].endswith(f":{pref + 1}")]
     assert [e["label"] for e in mine] == [True, False]
     assert t.tokenizer.decode(mine[0]["completion"]) == rows[pref]["chosen"] + "<eos>"
     bad = tmp_path / "bad.jsonl"
@@ -140,7 +141,7 @@ def _perturbed_trainer(tiny_model_dir, feedback_file, tmp_path, z0_sign: int):
     with torch.no_grad():
         for p in t.ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        exs = with_kl_completions(t.train_data[:6])
+        exs = with_mismatched_completions(t.train_data[:6])
         z0 = (naive_logps(t.model, t.tokenizer, exs) - naive_logps(t.ref_model, t.tokenizer, exs)).chunk(2)[1].mean()
         if z0 * z0_sign < 0:  # swap the weights of policy and reference
             ref = {k: v.clone() for k, v in t.ref_model.state_dict().items()}
@@ -154,7 +155,7 @@ def test_compute_loss_against_naive_logps(tiny_model_dir, feedback_file, tmp_pat
     """Loss, z0 and metrics from one sequence at a time; the gradient equals that of the hand-built loss with z0 a
     constant (a z0 that carried gradient would differ: it is > 0 here)."""
     t = _perturbed_trainer(tiny_model_dir, feedback_file, tmp_path, +1)
-    exs = with_kl_completions(t.train_data[:6])
+    exs = with_mismatched_completions(t.train_data[:6])
     labels = torch.tensor([e["label"] for e in exs])
     assert 0 < labels.sum() < 6
     batch = t.make_batch(exs)
@@ -182,7 +183,7 @@ def test_compute_loss_against_naive_logps(tiny_model_dir, feedback_file, tmp_pat
 
 def test_kl_reference_point_is_clamped_at_zero(tiny_model_dir, feedback_file, tmp_path):
     t = _perturbed_trainer(tiny_model_dir, feedback_file, tmp_path, -1)
-    exs = with_kl_completions(t.train_data[:6])
+    exs = with_mismatched_completions(t.train_data[:6])
     with torch.no_grad():
         out = t.compute_loss(t.model, t.make_batch(exs))
         r_kl = (naive_logps(t.model, t.tokenizer, exs) - naive_logps(t.ref_model, t.tokenizer, exs)).chunk(2)[1]
@@ -197,7 +198,7 @@ def test_class_means_are_exact_over_uneven_micro_batches(tiny_model_dir, feedbac
     und = [e for e in t.train_data if not e["label"]][:3]
     window, rewards = MetricWindow(), {True: [], False: []}
     with torch.no_grad():
-        for exs in (with_kl_completions(des[:3]), with_kl_completions(des[3:] + und)):
+        for exs in (with_mismatched_completions(des[:3]), with_mismatched_completions(des[3:] + und)):
             b = t.make_batch(exs)
             out = t.compute_loss(t.model, b)
             window.add(out.metrics, b.num_samples)

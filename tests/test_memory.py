@@ -5,27 +5,32 @@ import sys
 
 import pytest
 
-from common import memory_plan
+from plumbing.sharding import memory_plan
 from conftest import ENV, ROOT, build_tokenizer
 
 GB = 1e9
 
 
 def test_memory_plan_parts():
-    """fp32 parameters, gradients and AdamW's two moments of what trains, the reference; FSDP divides each by the
-    world size and adds a gathered unit; LoRA trains only the adapters; a bf16 reference keeps fp32 embeddings."""
-    one = memory_plan(1000, 1000, 1, "ddp", "fp32", has_reference=True)
+    """fp32 parameters, gradients and AdamW's two moments of what trains, the frozen models at their own sizes; FSDP
+    divides each by the world size and adds the largest gathered unit (a frozen model's too); LoRA trains only the
+    adapters; a bf16 frozen model keeps fp32 embeddings."""
+    one = memory_plan(1000, 1000, 1, "ddp", "fp32", frozen=[(1000, 0)])
     assert (one["parameters"], one["gradients"], one["adamw"], one["reference"]) == (4000, 4000, 8000, 4000)
     assert one["per_rank"] == one["all_ranks"] == 20000
-    fsdp = memory_plan(1000, 1000, 4, "fsdp", "fp32", has_reference=True, largest_unit=100)
+    fsdp = memory_plan(1000, 1000, 4, "fsdp", "fp32", frozen=[(1000, 0)], largest_unit=100)
     assert (fsdp["parameters"], fsdp["reference"], fsdp["gathered"]) == (1000, 1000, 1200)
     assert fsdp["per_rank"] == 20000 / 4 + 1200 and fsdp["all_ranks"] == 4 * fsdp["per_rank"]
-    ddp = memory_plan(1000, 1000, 2, "ddp", "fp32", has_reference=False)
+    ddp = memory_plan(1000, 1000, 2, "ddp", "fp32")
     assert ddp["gradients"] == 8000 and ddp["parameters"] == 4000  # replicated, gradient buckets
-    lora = memory_plan(1000, 10, 1, "ddp", "bf16", has_reference=False)
+    lora = memory_plan(1000, 10, 1, "ddp", "bf16")
     assert (lora["gradients"], lora["adamw"], lora["reference"]) == (40, 80, 0)
-    bf16 = memory_plan(1000, 1000, 1, "ddp", "bf16", has_reference=True, embedding_params=100)
+    bf16 = memory_plan(1000, 1000, 1, "ddp", "bf16", frozen=[(1000, 100)])
     assert bf16["reference"] == 4 * 100 + 2 * 900
+    # a teacher of another size counts at its own size, and its own largest unit when it is the larger one
+    teacher = memory_plan(1000, 1000, 2, "fsdp", "fp32", frozen=[(30000, 0)], largest_unit=100,
+                          largest_frozen_unit=3000)
+    assert teacher["reference"] == 4 * 30000 / 2 and teacher["gathered"] == 4 * 3000 * 2
 
 
 def _big_model(d):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import families
-from common import UserError, end_of_turn_ids
+from common import UserError
+from plumbing.models import end_of_turn_ids
 from families import FAMILIES, biased_model, build_tokenizer, save_family
-from packing import encode_completion, encode_prompt
+from plumbing.data import encode_completion, encode_prompt
 from sft import tokenize_conversation, tokenize_row
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -122,6 +123,7 @@ def test_grpo_rollout_stops_at_the_turn_end(name, tmp_path):
     end, which is the last valid token of its completion, and the reward function gets the text before it and nothing
     sampled after."""
     from grpo import Args, GRPOTrainer
+    from rollout import sample, score
     tok = build_tokenizer(name)
     end = FAMILIES[name].stops[0]
     model = biased_model(tok, {"a": 2.0, "b": 2.0, end: 2.0 + float(torch.tensor(4 / 3).log())})
@@ -134,16 +136,17 @@ def test_grpo_rollout_stops_at_the_turn_end(name, tmp_path):
                           max_new_tokens=10, temperature=1.0, eval_size=2, save_every=0, seed=1))
     assert tok.convert_ids_to_tokens(tr.end_of_turn) == FAMILIES[name].stops
     families.RECORDED.clear()
-    t, metrics, _ = tr.rollout()
+    ro = sample(tr, tr.next_examples(), num_samples=8)
+    score(tr.reward_fns, tr.reward_weights, ro)
     texts, end_id, ended = list(families.RECORDED), tok.convert_tokens_to_ids(end), 0
     assert len(texts) == 16
-    for ids, n, text in zip(t["completions"].tolist(), t["completion_mask"].sum(1).int().tolist(), texts):
+    for ids, n, text in zip(ro.completions.tolist(), ro.mask.sum(1).int().tolist(), texts):
         stops = [k for k, i in enumerate(ids[:n]) if i in tr.end_of_turn]
         assert stops in ([], [n - 1]) and (not stops or ids[n - 1] == end_id)  # one turn end, the last token
         assert ids[n:] == [tok.pad_token_id] * (len(ids) - n)  # nothing after it
         ended += bool(stops)
         assert text == tok.decode(ids[:n - len(stops)]) and set(text) <= {"a", "b"}
-    assert ended >= 12 and metrics["completions/clipped_ratio"] == pytest.approx(1 - ended / 16)
+    assert ended >= 12 and (~ro.has_eos).float().mean().item() == pytest.approx(1 - ended / 16)
 
 
 def test_reward_model_exported_as_trl_does_is_scored_where_trl_trained_it(tmp_path):
@@ -152,8 +155,9 @@ def test_reward_model_exported_as_trl_does_is_scored_where_trl_trained_it(tmp_pa
     BEFORE the EOS. (reward.py's own export, scored at the EOS it trains on: test_reward.py.)"""
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
     from conftest import build_tokenizer as smol_like  # pad == EOS == turn end, as SmolLM2
-    from ppo import reward_model_scores
-    from rollout import left_pad, truncate_after_eos
+    from rollout import reward_model_scores
+    from plumbing.generation import truncate_after_eos
+    from rollout import left_pad
     tok = smol_like()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -7,7 +7,8 @@ import torch
 from common import UserError
 from conftest import build_model, build_tokenizer, naive_logps, pair_example
 from conftest import pair_batch as collate
-from packing import label_logps, pack_prefix_tree, segment_forward, sequence_logps, use_segment_attention
+from plumbing.logprobs import label_logps, sequence_logps
+from plumbing.packing import pack_prefix_tree, segment_forward, use_segment_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,7 +29,7 @@ def test_label_logps_equals_naive_log_softmax(dtype):
 
 def _examples(tok, n=3):
     rows = [{"prompt": "a cat sat" * (i + 1), "chosen": " on the mat" * (i + 1), "rejected": " up"} for i in range(n)]
-    return [pair_example(tok, r, 64, 32)[0] | {"loc": f"row{i}"} for i, r in enumerate(rows)]
+    return [pair_example(tok, r, 64, 32)[0] | {"source": f"row{i}"} for i, r in enumerate(rows)]
 
 def _contexts(ids, pos, segments):
     """For each packed position, the (position id, token) pairs it attends to under segment_attention's rule."""
@@ -68,8 +69,8 @@ def test_packed_tries_equal_one_sequence_at_a_time(sibling_queries, monkeypatch)
     """Random tries (a shared stem, groups of siblings of different lengths that share first tokens, duplicates,
     a sequence that is a prefix of another) through segment_attention, siblings batched in sdpa calls (all of them,
     or a few queries per call): the per-token log-probs and parameter gradients equal each sequence's own forward."""
-    import packing
-    from packing import kept_logits
+    from plumbing import packing
+    from plumbing.logprobs import kept_logits
     monkeypatch.setattr(packing, "SIBLING_QUERIES", sibling_queries)
     model = build_model(8, seed=1).eval()
     use_segment_attention(model)
@@ -108,7 +109,7 @@ def test_collate_masks_prompt_tokens():
         assert b.num_tokens == sum(map(len, seqs))
         ids, keep = b["input_ids"], b["keep"]
         if padding_free:  # each prompt once; every completion token predicted from its own sequence's prefix
-            n = _check_packing(seqs, [len(e["prompt"]) for e in exs] * 2, b.tensors, b.segments)
+            n = _check_packing(seqs, [len(e["prompt"]) for e in exs] * 2, b.tensors, b.attention_segments)
             assert n <= sum(len(e["prompt"]) + len(e["completions"][0]) + len(e["completions"][1]) for e in exs)
         else:  # every kept position predicts a completion token; none predicts a prompt token or padding
             assert keep.shape == ids.shape and b["attention_mask"].sum().item() == sum(map(len, seqs))
@@ -129,7 +130,7 @@ def test_sequence_logps_fast_paths_equal_naive(lora):
     if lora:
         from types import SimpleNamespace
 
-        from common import add_lora
+        from plumbing.models import add_lora
         model = add_lora(model, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None))
         for n, p in model.named_parameters():
             if "lora_B" in n:  # B starts at zero: make the adapters matter
@@ -181,12 +182,12 @@ def test_bundled_model_fast_logps_equal_plain_path():
     positions only, chunked log-softmax) give the plain path's log-probs (one sequence at a time, full log_softmax)
     within 1e-5 relative."""
     import tasks
-    from common import BUNDLED_MODEL, load_model, load_tokenizer
+    from plumbing.models import BUNDLED_MODEL, load_model, load_tokenizer
     tok, model = load_tokenizer(BUNDLED_MODEL), load_model(BUNDLED_MODEL).eval()
     use_segment_attention(model)
     rows = [row for _, row in tasks.preference_rows("arithmetic", held_out=True)[::9][:4]]
     rows[0] = rows[0] | {"prompt": rows[0]["prompt"] * 3}  # a multi-turn-length prompt among short ones
-    exs = [pair_example(tok, r, 256, 256)[0] | {"loc": str(i)} for i, r in enumerate(rows)]
+    exs = [pair_example(tok, r, 256, 256)[0] | {"source": str(i)} for i, r in enumerate(rows)]
     with torch.no_grad():
         plain = naive_logps(model, tok, exs)
         for padding_free in (True, False):
@@ -232,7 +233,7 @@ def test_flex_attention_mask_equals_segment_attention():
     same mask_mod equal today's path's."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from packing import FLEX_BLOCK, flex_segment_attention, segment_attention, segment_mask_mod
+    from plumbing.packing import FLEX_BLOCK, flex_segment_attention, segment_attention, segment_mask_mod
     torch.manual_seed(0)
     for length, segments in _random_tries(random.Random(2), 8):
         assert len(segments) > 2

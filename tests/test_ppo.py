@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-
-
-import packing
 from common import UserError
-from rollout import truncate_after_eos
-from packing import kept_logits
 from conftest import ROOT, checkpoint_weights, read_metrics, write_prompt_task
-from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss,
-                 reward_model_scores, shape_rewards, value_loss)
+from plumbing import logprobs
+from plumbing.generation import truncate_after_eos
+from plumbing.logprobs import kept_logits
+from ppo import (Args, KLEstimator, PPOTrainer, gae, kl_penalty, main, masked_whiten, policy_loss, shape_rewards,
+                 value_loss)
+from rollout import reward_model_scores, rollout_batch, sample
+
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
@@ -214,18 +214,14 @@ def test_smoke_run_and_torchrun(tiny_model_dir, prompt_file, tmp_path):
             torch.testing.assert_close(v, last[f"policy.{k}"])
 
 
-def test_rollout_buffer_minibatches_cover_each_rollout_once_per_epoch():
-    from ppo import RolloutBuffer
-    n, L = 12, 3
-    buf = RolloutBuffer({"responses": torch.arange(n)[:, None].expand(n, L), "response_mask": torch.ones(n, L),
-                         "advantages": torch.arange(n, dtype=torch.float)[:, None].expand(n, L)})
-    seen = []
-    for micro_batches in buf.minibatches(num_minibatches=2, accumulation=3):
-        assert len(micro_batches) == 3 and all(b.num_samples == 2 and b.num_tokens == 2 * L for b in micro_batches)
-        for b in micro_batches:
-            assert (b["responses"][:, 0].float() == b["advantages"][:, 0]).all()  # rows stay aligned across keys
-            seen += b["responses"][:, 0].tolist()
-    assert sorted(seen) == list(range(n))
+def test_minibatches_cover_each_rollout_row_once_per_epoch():
+    from ppo import minibatch_rows
+    n = 12
+    epochs = [minibatch_rows(n, num_minibatches=2, accumulation=3) for _ in range(2)]
+    for updates in epochs:
+        assert len(updates) == 2 and all(len(micro) == 3 and all(len(rows) == 2 for rows in micro) for micro in updates)
+        assert sorted(r for micro in updates for rows in micro for r in rows) == list(range(n))
+    assert epochs[0] != epochs[1]  # a fresh shuffle per epoch
 
 
 def test_reward_model_run_with_critic_initialised_from_it(tiny_model_dir, prompt_file, tmp_path):
@@ -253,23 +249,23 @@ def test_packed_forward_equals_padded(tiny_model_dir, prompt_file, tmp_path, mon
     monkeypatch.syspath_prepend(str(prompt_file))
     tr = PPOTrainer(_args(tiny_model_dir, prompt_file, tmp_path, critic=critic, batch_size=8))
     torch.nn.init.normal_(tr.model.value_head.weight)  # zero-initialised: make the values informative
-    prompts, responses, mask, _ = tr.sample([tr.train_data[i] for i in range(8)], greedy=False)
-    t = tr.forward_batch(prompts, responses, mask)
-    assert mask.sum() > 8 and (t["attention_mask"] == 0).any()  # real responses, real padding
-    out = {}
+    ro = sample(tr, [tr.train_data[i] for i in range(8)])
+    assert ro.mask.sum() > 8 and len({len(p) for p in ro.prompt_ids}) > 1  # real responses, real padding
+    out, sizes = {}, {}
     for padding_free, head_everywhere in ((False, False), (True, False), (True, True)):
         # head_everywhere: a model without a boolean logits_to_keep (LM head on all positions, selected afterwards)
-        monkeypatch.setattr(packing, "supports_logits_to_keep", lambda m, h=head_everywhere: not h)
+        monkeypatch.setattr(logprobs, "supports_logits_to_keep", lambda m, h=head_everywhere: not h)
         tr.args.padding_free = padding_free
         tr.model.zero_grad()
-        logps, values = tr.logps_and_values(tr.model, t)
+        batch = rollout_batch(tr, ro, range(len(ro)))
+        logps, values = tr.logps_and_values(tr.model, batch)
         (logps.sum() + values.sum()).backward()
-        inputs, segments = tr.model_inputs(t)
         with torch.no_grad():
-            ref = kept_logits(tr.ref_model, inputs, segments)
+            ref = kept_logits(tr.ref_model, batch.tensors, batch.attention_segments)
         out[padding_free, head_everywhere] = (logps.detach(), values.detach(), ref, {
             n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
-    assert tr.model_inputs(t)[0]["input_ids"].numel() < t["attention_mask"].sum()  # something was shared
+        sizes[padding_free] = batch["input_ids"].numel()
+    assert sizes[True] < sum(map(len, ro.prompt_ids)) + ro.mask.sum()  # something was shared
     base = out[False, False]
     for key in ((True, False), (True, True)):
         assert out[key][3].keys() == base[3].keys()
@@ -295,7 +291,7 @@ def test_sampling_ignores_the_models_generation_config(tiny_model_dir, prompt_fi
     policy.generation_config.repetition_penalty, policy.generation_config.min_p = 1.3, 0.1
     policy.generation_config.top_k, policy.generation_config.suppress_tokens = 5, suppressed.tolist()
     torch.manual_seed(0)
-    _, responses, _, _ = tr.sample([tr.train_data[0]] * 2048, greedy=False)
+    responses = sample(tr, [tr.train_data[0]] * 2048).completions
     freq = torch.bincount(responses[:, 0], minlength=len(p)).float() / len(responses)
     assert p[suppressed].sum() > 0.2 and abs(freq[suppressed].sum() - p[suppressed].sum()) < 0.04
     buckets = p.argsort().chunk(8)

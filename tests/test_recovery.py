@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from plumbing import checkpoint
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, tiny_flags
 from dpo import DPOTrainer, main
@@ -109,7 +109,7 @@ def test_resume_with_another_batch_size_sees_each_row_once_per_epoch(tiny_model_
 
         def record():
             rows = draw()
-            seen.extend(t.train_data[i]["loc"] for i in rows)
+            seen.extend(t.train_data[i]["source"] for i in rows)
             return rows
         t.sampler.next_indices = record
         t.train()
@@ -119,9 +119,9 @@ def test_resume_with_another_batch_size_sees_each_row_once_per_epoch(tiny_model_
     t = run(4, 15 + 3, True)  # 12 more
     n = len(t.train_data)
     assert len(seen) == 62 and n == 44
-    assert sorted(seen[:n]) == sorted(e["loc"] for e in t.train_data)  # epoch 0: every row exactly once
+    assert sorted(seen[:n]) == sorted(e["source"] for e in t.train_data)  # epoch 0: every row exactly once
     assert len(set(seen[n:])) == len(seen[n:])  # epoch 1 so far: no row twice
-    order = [t.train_data[i]["loc"] for i in t.sampler.epoch_order(1)]
+    order = [t.train_data[i]["source"] for i in t.sampler.epoch_order(1)]
     assert seen[n:] == order[:len(seen) - n]
 
 

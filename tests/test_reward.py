@@ -41,7 +41,7 @@ def test_last_token_scoring_with_pad_equal_eos_packed_and_padded(tiny_model_dir,
     results = []
     for padding_free in (True, False):
         b = collate(exs, t.tokenizer.pad_token_id, padding_free)
-        rewards = t.model(b.tensors, b.segments)
+        rewards = t.model(b.tensors, b.attention_segments)
         torch.testing.assert_close(rewards, alone.detach(), rtol=1e-5, atol=1e-5)
         t.model.zero_grad()
         reward_loss(*rewards.chunk(2), b["margin"]).mean().backward()
@@ -56,7 +56,7 @@ def test_last_token_scoring_with_pad_equal_eos_packed_and_padded(tiny_model_dir,
 
 def test_new_head_init_and_export_is_what_ppo_reads(tiny_model_dir, pairs_file, tmp_path):
     from transformers import AutoModelForSequenceClassification
-    from ppo import reward_model_scores
+    from rollout import reward_model_scores
     from reward import main
     t = _trainer(tiny_model_dir, pairs_file, tmp_path / "init")
     w = t.model.classifier.score.weight
@@ -75,7 +75,7 @@ def test_new_head_init_and_export_is_what_ppo_reads(tiny_model_dir, pairs_file, 
     # ppo.py's scoring (left-padded, last non-pad by the attention mask) gives the trained model's rewards
     exs = t.eval_data[:2]
     b = collate(exs, t.tokenizer.pad_token_id, True)
-    ours = t.model(b.tensors, b.segments).detach()
+    ours = t.model(b.tensors, b.attention_segments).detach()
     seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
     width = max(map(len, seqs))
     ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
@@ -119,7 +119,7 @@ def test_ppo_with_a_reward_model_reports_verifier_accuracy(tiny_model_dir, pairs
 
 def test_lora_trains_adapters_and_the_head_and_exports_a_classifier(tiny_model_dir, pairs_file, tmp_path):
     from transformers import AutoModelForSequenceClassification
-    from ppo import reward_model_scores
+    from rollout import reward_model_scores
     from reward import main
     t = main(script_args("reward", tiny_model_dir, pairs_file, tmp_path, lora_r=4, total_steps=3, learning_rate=3e-3))
     trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
@@ -130,7 +130,7 @@ def test_lora_trains_adapters_and_the_head_and_exports_a_classifier(tiny_model_d
     exs = t.eval_data[:2]
     b = collate(exs, t.tokenizer.pad_token_id, True)
     with torch.no_grad():
-        ours = t.model(b.tensors, b.segments)
+        ours = t.model(b.tensors, b.attention_segments)
     seqs = [e["prompt"] + e["completions"][k] for k in (0, 1) for e in exs]
     width = max(map(len, seqs))
     ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint
-import common
+from plumbing import checkpoint
+from plumbing import models, run, sharding
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, script_args, write_prompt_task
 from dpo import DPOTrainer, main as dpo_main
@@ -272,16 +272,16 @@ def test_export_is_atomic_and_a_model_without_weights_is_one_line(tiny_model_dir
 def test_no_such_reward_model_does_not_mention_omitting_model(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match=r"^--reward-model /no/such/rm: no such directory\. Pass an HF model directory "
                                         r"or a hub id$"):
-        common.load_model("/no/such/rm", flag="--reward-model")
+        models.load_model("/no/such/rm", flag="--reward-model")
 
 
 def test_peft_wrapping_raises_no_future_warning(tiny_model_dir):
     """peft reads a deprecated transformers property on every wrap: one FutureWarning per rank, per export."""
-    model = common.load_model(tiny_model_dir)
+    model = models.load_model(tiny_model_dir)
     args = SimpleNamespace(lora_r=4, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        peft_model = common.add_lora(model, args)
+        peft_model = models.add_lora(model, args)
         checkpoint.merged_lora_copy(peft_model, peft_model.state_dict())
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
@@ -293,7 +293,7 @@ def test_ddp_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            common.wrap_ddp(common.load_model(tiny_model_dir), common.DistInfo(world_size=2))
+            sharding.wrap_ddp(models.load_model(tiny_model_dir), run.DistInfo(world_size=2))
     finally:
         dist.destroy_process_group()
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
@@ -389,8 +389,11 @@ def test_grpo_nonfinite_loss_names_its_rows(tiny_model_dir, tmp_path, monkeypatc
                          output_dir=str(tmp_path / "run"), precision="fp32", batch_size=2, num_generations=2,
                          total_steps=2, max_length=48, max_new_tokens=4, eval_size=2))
     loss = t.compute_loss
-    monkeypatch.setattr(t, "compute_loss", lambda m, b: (o := loss(m, b)) and setattr(o, "loss", o.loss * torch.nan)
-                        or o)
+    def poisoned(m, b):  # the DAPO loss is a Mean: poison its total
+        out = loss(m, b)
+        out.loss.total = out.loss.total * torch.nan
+        return out
+    monkeypatch.setattr(t, "compute_loss", poisoned)
     with pytest.raises(UserError, match=r"non-finite loss or gradient norm at step 1 \(rows \['.*prompts\.jsonl:\d+', "
                                         r"'.*prompts\.jsonl:\d+'\]\)"):
         t.train()

@@ -6,10 +6,12 @@ import sys
 import pytest
 import torch
 
-from common import UserError, load_tokenizer
+from common import UserError
+from plumbing.models import load_tokenizer
 from conftest import (build_model, build_tokenizer, capture_grads, read_metrics, run, script_args, tiny_flags,
                       torchrun_grads_match)
-from packing import kept_logits, label_logps, use_segment_attention
+from plumbing.logprobs import kept_logits, label_logps
+from plumbing.packing import use_segment_attention
 from sft import SFTTrainer, collate, sft_loss, tokenize_conversation, tokenize_row
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -60,7 +62,7 @@ def test_prompt_completion_row_and_truncation():
 def _examples(tok):
     rows = [{"messages": CONVERSATION}, {"prompt": "the cat", "completion": " sat"},
             {"messages": CONVERSATION[:3]}, {"prompt": "the cat", "completion": " ran on"}]  # shared prefixes too
-    return [tokenize_row(tok, r, f"r{i}", 128, 64)[0] | {"loc": f"r{i}"} for i, r in enumerate(rows)]
+    return [tokenize_row(tok, r, f"r{i}", 128, 64)[0] | {"source": f"r{i}"} for i, r in enumerate(rows)]
 
 
 def test_packed_equals_padded_equals_naive():
@@ -81,9 +83,11 @@ def test_packed_equals_padded_equals_naive():
                 total = total - tok_lp[torch.tensor(e["mask"][1:])].sum()
         else:
             b = collate(exs, tok.pad_token_id, padding_free)
-            assert b.num_loss_tokens == sum(sum(e["mask"]) for e in exs) == len(b["labels"])
-            total = sft_loss(label_logps(kept_logits(model, b.tensors, b.segments), b["labels"]))
-            assert int(b["keep"].sum()) <= b.num_loss_tokens  # LM head on loss positions only
+            n_loss = sum(sum(e["mask"]) for e in exs)
+            loss = sft_loss(label_logps(kept_logits(model, b.tensors, b.attention_segments), b["labels"]))
+            assert loss.count == n_loss == len(b["labels"])
+            total = loss.total
+            assert int(b["keep"].sum()) <= n_loss  # LM head on loss positions only
         total.backward()
         results.append((total.detach(), {n: p.grad for n, p in model.named_parameters()}))
     for value, grads in results[1:]:

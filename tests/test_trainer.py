@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from common import Mean, MetricWindow, UserError
+from common import Mean, UserError
+from plumbing.metrics import MetricWindow
 from conftest import capture_grads, checkpoint_weights, dpo_args, read_metrics
 from dpo import DPOTrainer, main
 
@@ -62,7 +63,7 @@ def test_clipping_through_fused_adamw_equals_clip_grad_norm(tiny_model_dir, pair
         if name == "plain":
             groups = [{k: v for k, v in g.items() if k != "fused"} for g in trainer.optimizer.param_groups]
             trainer.optimizer = torch.optim.AdamW(groups, foreach=False)
-            trainer.scheduler = trainer.build_scheduler(trainer.optimizer)
+            trainer.scheduler = trainer.build_scheduler()
         trainer.train()
         norms = [m["train/grad_norm"] for m in read_metrics(trainer.output_dir) if "train/grad_norm" in m]
         runs.append((trainer.model.state_dict(), norms))
@@ -166,7 +167,7 @@ def test_local_dataset_directory_loads_through_datasets(tiny_model_dir, pairs_fi
     d.mkdir()
     shutil.copy(pairs_file, d / "train.jsonl")
     t = DPOTrainer(dpo_args(tiny_model_dir, str(d), tmp_path / "out"))
-    assert len(t.train_data) + len(t.eval_data) == 48 and t.train_data[0]["loc"].startswith(str(d))
+    assert len(t.train_data) + len(t.eval_data) == 48 and t.train_data[0]["source"].startswith(str(d))
 
 def _poison_step_3(t: DPOTrainer) -> None:
     """Make the loss NaN during the third optimizer step (NaN injection)."""
@@ -192,7 +193,7 @@ def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_pa
     t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
     _poison_step_3(t)
     t.train()
-    assert t.global_step == 4 and t.skipped_steps == 1
+    assert t.global_step == 4 and t.skipped_updates == 1
     assert "update skipped (1/1)" in capsys.readouterr().out
     steps = [m["step"] for m in read_metrics(tmp_path) if "train/loss" in m]
     assert steps == [1, 2, 4]  # the skipped step logs nothing (log_every 1, its window is empty)
@@ -281,7 +282,7 @@ def test_eval_size_zero_means_no_held_out_rows(tiny_model_dir, pairs_file, tmp_p
 
 
 def test_lora_target_that_matches_nothing_is_one_line(tiny_model_dir, pairs_file, tmp_path):
-    with pytest.raises(UserError, match=r"--lora-r 4 --lora-target-modules \['no_such_proj'\]: peft cannot wrap"):
+    with pytest.raises(UserError, match=r"--lora-r 4 --lora-target-modules no_such_proj: peft cannot wrap"):
         DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", lora_r=4,
                             lora_target_modules=["no_such_proj"]))
     assert not (tmp_path / "out").exists()

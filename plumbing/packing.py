@@ -1,4 +1,4 @@
-"""The fast path for sequence log-probs: the same numbers as the plain path, with less work.
+"""The packed row: the same numbers as a padded batch, with less work.
 
 The plain path, which every piece here must equal (tests/test_packing.py checks values and gradients): each sequence
 padded into a batch, one forward, `log_softmax(logits).gather(labels)` over the whole vocabulary, summed over the
@@ -16,25 +16,24 @@ completion tokens. The fast path changes only how much work that takes:
   recurrent layers) is refused with a pointer to `--no-padding-free`, never ignored. Forwards without segments
   (generation) fall through to plain sdpa. On CUDA the whole row is ONE compiled FlexAttention call per layer
   (`flex_segment_attention`, a block mask from the same segments: blocks no query sees are skipped).
-- `kept_logits`: the LM head runs only on positions that predict a completion token (transformers' boolean
-  `logits_to_keep`): a [tokens x vocab] matrix is the largest activation of a small model.
-- `label_logps`: `logit[label] - logsumexp(logits)` in row chunks with a hand-written backward (softmax - onehot), so
-  no fp32 [tokens x vocab] log-softmax is materialised or saved for backward; a sampling temperature is applied
-  inside the fp32 part (bf16 logits / T would be rounded before the log-softmax).
+- `kept_logits` (logprobs.py): the LM head runs only on positions that predict a completion token (transformers'
+  boolean `logits_to_keep`): a [tokens x vocab] matrix is the largest activation of a small model.
+- `label_logps` (logprobs.py): `logit[label] - logsumexp(logits)` in row chunks with a hand-written backward (softmax
+  - onehot), so no fp32 [tokens x vocab] log-softmax is materialised or saved for backward; a sampling temperature is
+  applied inside the fp32 part (bf16 logits / T would be rounded before the log-softmax).
 
 What each piece buys is measured in benchmarks/README.md.
 """
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import Batch, UserError, end_of_turn_ids, supports_logits_to_keep
+from plumbing.run import UserError
 
 PACKED_ATTENTION = "segment_sdpa"
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -246,149 +245,3 @@ def segment_forward(model: nn.Module, segments: list, **inputs):
     return out
 
 
-def kept_logits(model: nn.Module, t: dict[str, torch.Tensor], segments: list | None = None) -> torch.Tensor:
-    """[N, V] logits from one forward, the LM head run only where t["keep"] is True; rows reordered / repeated by
-    t["logit_index"] when given (a packed row, where one position can predict tokens of several sequences)."""
-    inputs = {k: t[k] for k in ("input_ids", "position_ids", "attention_mask") if t.get(k) is not None}
-    forward = model if segments is None else partial(segment_forward, model, segments)
-    if supports_logits_to_keep(model):
-        logits = forward(**inputs, logits_to_keep=t["keep"], use_cache=False).logits
-    else:  # models without a boolean logits_to_keep: full logits, then the kept positions
-        logits = forward(**inputs, use_cache=False).logits[t["keep"]]
-    logits = logits.reshape(-1, logits.shape[-1])
-    return logits if t.get("logit_index") is None else logits.index_select(0, t["logit_index"])
-
-
-def label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                chunk: int | None = None) -> torch.Tensor:
-    """log_softmax(logits / temperature)[label] per row; logits [N, V], labels [N] -> [N] fp32. Rows per chunk:
-    on a CPU few enough that a chunk's fp32 passes stay in cache, on a GPU many (fewer kernel launches)."""
-    chunk = chunk or (32 if logits.device.type == "cpu" else 1024)
-    return _LabelLogProb.apply(logits, labels, temperature, chunk)
-
-
-class _LabelLogProb(torch.autograd.Function):
-    """label logit - logsumexp, in row chunks, with a hand-written backward ((onehot - softmax) / T), so no [N, V]
-    fp32 log_softmax is ever materialised or saved for backward: only the (possibly bf16) logits and N logsumexps."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, chunk):
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        picked = torch.empty_like(lse)
-        for s in range(0, logits.shape[0], chunk):
-            block = _scaled_fp32(logits[s:s + chunk], temperature)
-            lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
-            picked[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.chunk, ctx.temperature = chunk, temperature
-        return picked - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
-        out, t = torch.empty_like(logits), ctx.temperature
-        for s in range(0, logits.shape[0], ctx.chunk):
-            g = grad[s:s + ctx.chunk, None].float() / t
-            block = _scaled_fp32(logits[s:s + ctx.chunk], t).sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)
-            block.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
-            out[s:s + ctx.chunk] = block
-        return out, None, None, None
-
-
-def _scaled_fp32(block: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 copy of a logits block / temperature, for the in-place passes that follow."""
-    block = block.float() if block.dtype != torch.float32 else block.clone()
-    return block if temperature == 1.0 else block.div_(temperature)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A prompt and its completions: tokenization, collation and sequence log-probs (dpo.py, kto.py; reward.py tokenizes)
-
-
-def render_chat(tok, messages: list[dict], loc: str, generation_prompt: bool) -> str:
-    """The chat template's text; a template that refuses the conversation (raise_exception, an empty list, a role
-    it does not know) is one line naming the row."""
-    try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # noqa: BLE001 - jinja's TemplateError, transformers' ValueError, whatever a template raises
-        raise UserError(f"{loc}: the model's chat template refuses these messages ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-
-
-def encode_prompt(tok, prompt: str | list[dict], loc: str = "a prompt") -> list[int]:
-    """Chat messages get the chat template (with the assistant header) and only the special tokens it writes (a
-    template that writes BOS gets exactly that one). A string gets the special tokens the tokenizer adds to plain
-    text, as TRL: the BOS that Llama, Mistral and Gemma were pretrained with (not a second one if the string starts
-    with it), never a trailing EOS."""
-    if isinstance(prompt, list):
-        text = render_chat(tok, prompt, loc, generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    ids = tok(prompt, add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)))["input_ids"]
-    eos = tok.eos_token
-    return ids[:-1] if eos and ids[-1:] == [tok.eos_token_id] and not prompt.rstrip().endswith(eos) else ids
-
-
-def encode_completion(tok, completion: str | list[dict], end_of_turn: list[int] | None = None,
-                      chat: bool = False) -> list[int]:
-    """Completion tokens + exactly one end token: the model's end of turn (`end_of_turn[0]`, common.end_of_turn_ids)
-    for assistant messages (which contribute their content) or after a chat prompt (`chat`), so that every row format
-    teaches the stop a chat conversation does; EOS after a plain-text prompt, as TRL. A completion that already ends
-    with an end-of-turn id keeps it."""
-    end_of_turn = end_of_turn or end_of_turn_ids(tok)
-    if isinstance(completion, list):
-        completion, chat = "".join(m["content"] for m in completion), True
-    ids = tok(completion, add_special_tokens=False)["input_ids"]
-    if ids and ids[-1] in end_of_turn:
-        return ids
-    return ids + [end_of_turn[0] if chat or tok.eos_token_id is None else tok.eos_token_id]
-
-
-def tokenize_completions(tok, prompt: str | list[dict], completions: list, max_length: int,
-                         max_prompt_length: int, end_of_turn: list[int] | None = None,
-                         loc: str = "a row") -> tuple[dict | None, bool]:
-    """-> ({"prompt": ids, "completions": [ids, ...]}, truncated?), or (None, True) if a completion would vanish. The
-    prompt is cut from the left to max_prompt_length, then each completion from the right to max_length."""
-    prompt_ids = encode_prompt(tok, prompt, loc)
-    comps = [encode_completion(tok, c, end_of_turn, chat=isinstance(prompt, list)) for c in completions]
-    truncated = len(prompt_ids) > max_prompt_length
-    prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max(max_length - len(prompt_ids), 0)
-    truncated |= any(len(c) > room for c in comps)
-    comps = [c[:room] for c in comps]
-    if not all(comps):
-        return None, True
-    return {"prompt": prompt_ids, "completions": comps}, truncated
-
-
-def collate_completions(pairs: list[tuple[list[int], list[int]]], pad_id: int,
-                        padding_free: bool) -> tuple[dict[str, torch.Tensor], list | None]:
-    """(prompt ids, completion ids) per sequence -> one forward's tensors and, packed, the attention segments. The keys
-    `sequence_logps` reads: `keep` marks the positions whose logits predict a completion token (only there does the
-    LM head run); `logit_index` (packed) maps each completion token, in sequence order, to its row among the kept
-    logits (a prompt's last position predicts the first token of every completion of that prompt); `labels` are the
-    completion tokens, `segment` the sequence of each, `lengths` each sequence's completion length.
-
-    padding_free: one row in which each prompt (and any prefix sequences share) appears once, every completion
-    continuing from it (`pack_prefix_tree`). Else a right-padded [N, L] batch."""
-    seqs, n_prompt = [p + c for p, c in pairs], [len(p) for p, _ in pairs]
-    segments = None
-    if padding_free:
-        tensors, segments = pack_prefix_tree(seqs, n_prompt)
-    else:
-        width = max(map(len, seqs))
-        tensors = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs]),
-                   "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-                   "keep": torch.tensor([[False] * (p - 1) + [True] * (len(s) - p) + [False] * (width - len(s) + 1)
-                                         for s, p in zip(seqs, n_prompt)])}
-    tensors |= {"labels": torch.tensor([t for _, c in pairs for t in c]),
-                "segment": torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(pairs)]),
-                "lengths": torch.tensor([len(c) for _, c in pairs])}
-    return tensors, segments
-
-
-def sequence_logps(model: nn.Module, batch: Batch, average: bool = False, temperature: float = 1.0) -> torch.Tensor:
-    """[N] log-probs of each sequence's completion (summed; average=True: per completion token) from one forward, the
-    LM head run only where a logit predicts a completion token. Reads the keys `collate_completions` writes."""
-    token_logps = label_logps(kept_logits(model, batch.tensors, batch.segments), batch["labels"], temperature)
-    logps = torch.zeros(len(batch["lengths"]), device=token_logps.device).index_add_(0, batch["segment"], token_logps)
-    return logps / batch["lengths"] if average else logps

@@ -1,4 +1,4 @@
-"""What a run keeps on disk, and how it survives a kill or a full disk; no algorithm script needs to read this.
+"""What a run keeps on disk, and how it survives a kill or a full disk.
 
 The run directory: runs/<script>-<time>/ holds run.json (what the run was started with; --resume must match it),
 run.lock (an flock while a run uses it), metrics.jsonl (whole lines only), checkpoints/ and final/.
@@ -11,7 +11,6 @@ write removes the .tmp and stops the run with one line; older checkpoints stay. 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -29,81 +28,81 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from common import UserError, agree_on_error, barrier, first_error, is_main, os_error, print0, quiet_peft
+from plumbing.models import quiet_peft
+from plumbing.run import UserError, agree_on_error, barrier, first_error, is_main, os_error, print0
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What BaseTrainer calls: save, resume (with the fallback to an older checkpoint), export
+# What the loop calls: save, resume (with the fallback to an older checkpoint), export
 
 
-def trainer_state(trainer) -> dict:
+def dcp_state(model: nn.Module, optimizer, trainable_only: bool) -> dict:
     """Model and optimizer state for DCP: only what trains (a frozen LoRA base is the model on disk already;
     tied weights are in named_parameters once)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer,
-                                        options=StateDictOptions(ignore_frozen_params=True))
-    if trainer.args.lora_r:
-        trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    if trainable_only:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         model_sd = {k: v for k, v in model_sd.items() if k in trainable}
     return {"model": model_sd, "optimizer": optim_sd}
 
 
-def save(trainer) -> None:
-    state = {"global_step": trainer.global_step, "consumed_rows": trainer.sampler.consumed,
-             "world_size": trainer.dist.world_size, "wandb_id": trainer.wandb_id,
-             "skipped_steps": trainer.skipped_steps, "args": dataclasses.asdict(trainer.args)}
-    write_checkpoint(trainer.output_dir, trainer.global_step, trainer_state(trainer), trainer.scheduler.state_dict(),
-                     state, trainer.args.keep_checkpoints)
+def save(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int,
+         trainable_only: bool) -> None:
+    """checkpoints/step_N: model and optimizer (DCP), the scheduler, every rank's RNG, and `state` (JSON: the step,
+    the position in the data order, ...)."""
+    write_checkpoint(output_dir, step, dcp_state(model, optimizer, trainable_only), scheduler.state_dict(), state,
+                     keep)
 
 
-def resume(trainer) -> None:
-    """The newest complete checkpoint that passes its manifest and loads; a damaged one is named and the
-    previous one tried."""
+def resume(output_dir: Path, model: nn.Module, optimizer, scheduler, rank: int, trainable_only: bool) -> dict | None:
+    """Load the newest complete checkpoint that passes its manifest and loads (a damaged one is named and the
+    previous one tried) into model, optimizer, scheduler and this rank's RNG; drop the metrics records it will write
+    again. -> its saved `state`, or None (said) when there is no checkpoint: a fresh start."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    for ckpt in reversed(complete_checkpoints(trainer.output_dir)):
-        loaded = read_checkpoint(ckpt, trainer_state(trainer), trainer.dist.rank)
+    for ckpt in reversed(complete_checkpoints(output_dir)):
+        loaded = read_checkpoint(ckpt, dcp_state(model, optimizer, trainable_only), rank)
         if loaded is None:
             continue
-        dcp_state, scheduler, state, rng = loaded
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=dcp_state["model"],
-                       optim_state_dict=dcp_state["optimizer"], options=StateDictOptions(strict=False))
-        trainer.scheduler.load_state_dict(scheduler)
-        trainer.global_step, trainer.sampler.consumed = state["global_step"], state["consumed_rows"]
-        trainer.wandb_id, trainer.skipped_steps = state.get("wandb_id"), state.get("skipped_steps", 0)
+        dcp_loaded, scheduler_state, state, rng = loaded
+        set_state_dict(model, optimizer, model_state_dict=dcp_loaded["model"],
+                       optim_state_dict=dcp_loaded["optimizer"], options=StateDictOptions(strict=False))
+        scheduler.load_state_dict(scheduler_state)
         if rng is not None:  # absent when resuming on more ranks than saved: those keep the fresh seed
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-        _rollback_metrics(trainer, trainer.global_step)
-        print0(f"resumed from {ckpt} at step {trainer.global_step} (row {trainer.sampler.consumed} of the data order)")
-        return
-    if complete_checkpoints(trainer.output_dir):
-        raise UserError(f"--resume: no intact checkpoint in {trainer.output_dir}/checkpoints (see above); move them "
+                torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
+        _rollback_metrics(output_dir, state["global_step"])
+        print0(f"resumed from {ckpt} at step {state['global_step']} (row {state['consumed_rows']} of the data order)")
+        return state
+    if complete_checkpoints(output_dir):
+        raise UserError(f"--resume: no intact checkpoint in {output_dir}/checkpoints (see above); move them "
                         f"away to start fresh")
-    print0(f"--resume: no complete checkpoint in {trainer.output_dir}/checkpoints, starting fresh")
-    _rollback_metrics(trainer, 0)
+    print0(f"--resume: no complete checkpoint in {output_dir}/checkpoints, starting fresh")
+    _rollback_metrics(output_dir, 0)
+    return None
 
 
-def _rollback_metrics(trainer, step: int) -> None:
+def _rollback_metrics(output_dir: Path, step: int) -> None:
     error = ""
     try:
-        rollback_metrics(trainer.output_dir, step)
+        rollback_metrics(output_dir, step)
     except UserError as e:  # rank 0's disk: every rank stops with it
         error = str(e)
     agree_on_error(error)
 
 
-def export(trainer) -> None:
+def export(output_dir: Path, model: nn.Module, hf_model: nn.Module, tokenizer, is_main: bool, say=print0) -> None:
     """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
-    under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). The full state
-    dict is gathered once (a collective under FSDP) and written by rank 0."""
+    under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). `hf_model` is the
+    part of `model` to export. The full state dict is gathered once (a collective under FSDP) and written by rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    error, final = "", trainer.output_dir / "final"
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error, final = "", Path(output_dir) / "final"
     tmp = final.with_name("final.tmp")  # renamed when complete: final/ is whole or absent, like a checkpoint
-    if trainer.dist.is_main:
-        hf = trainer.hf_model()
-        prefix = next(n for n, m in trainer.model.named_modules() if m is hf)
+    if is_main:
+        hf = hf_model
+        prefix = next(n for n, m in model.named_modules() if m is hf)
         prefix = prefix + "." if prefix else ""
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         try:
@@ -112,7 +111,7 @@ def export(trainer) -> None:
                 hf.save_pretrained(tmp / "adapter", state_dict=state)
                 hf, state = merged_lora_copy(hf, state), None
             hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            trainer.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
             for f in tmp.rglob("*"):
                 if f.is_file():
                     with open(f, "rb") as h:
@@ -122,7 +121,7 @@ def export(trainer) -> None:
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-            trainer.write(f"exported {final}")
+            say(f"exported {final}")
         except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
             error = write_failure("export failed:", tmp, e)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,10 +179,10 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def resolve_output_dir(args, script: str) -> Path:
+def resolve_output_dir(output_dir: str | None, script: str, resume: bool) -> Path:
     """The run's directory (created later, once the inputs are validated). Never overwrites a run."""
     # the pid keeps two default runs started in the same second apart
-    name = args.output_dir or f"runs/{script}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    name = output_dir or f"runs/{script}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     if dist.is_initialized():  # ranks may straddle a second boundary: rank 0's name wins
         box = [name]
         dist.broadcast_object_list(box, src=0)
@@ -191,10 +190,23 @@ def resolve_output_dir(args, script: str) -> Path:
     out = Path(name)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out}: exists and is not a directory")
-    if not args.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+    if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
                         f"another --output-dir (nothing was overwritten)")
     return out
+
+
+def open_run_dir(out: Path, record: dict, resume: bool, is_main: bool):
+    """Once the inputs are validated: rank 0 claims the run directory (claim_output_dir), every rank agrees on its
+    error. -> the lock (rank 0) or None."""
+    lock, error = None, ""
+    if is_main:
+        try:
+            lock = claim_output_dir(out, record, resume)
+        except UserError as e:
+            error = str(e)
+    agree_on_error(error)  # also the barrier: the directory exists for every rank
+    return lock
 
 
 def claim_output_dir(out: Path, record: dict, resume: bool):

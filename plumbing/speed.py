@@ -1,0 +1,78 @@
+"""Tricks that change no number, each beside the plain path it must equal (the tests check both; the gain of each is in
+benchmarks/README.md, "The speed tricks and what each saves")."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from torch import nn
+
+
+def clip_in_fused_adamw(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
+                        scale: float = 1.0) -> torch.Tensor:
+    """= scale the gradients by `scale`, then torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), without
+    either pass over the gradients: fused AdamW divides every gradient by its `grad_scale` as it reads them, so the
+    scale and the clip factor ride there. -> the norm of the scaled gradients."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]) * scale
+    optimizer.grad_scale = (grad_norm + 1e-6).div(max_norm).clamp(min=1.0) / scale
+    return grad_norm
+
+
+def sparse_tied_embeddings(model: nn.Module) -> None:
+    """An input embedding tied to the LM head gets the few rows it looked up added into the head's dense gradient,
+    not a vocab-sized zero-filled one of its own. One process without FSDP: DDP buckets a sparse embedding's
+    gradient apart, FSDP reduce-scatters dense shards."""
+    from transformers import PreTrainedModel
+    for m in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
+        emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+        tied = isinstance(emb, nn.Embedding) and head is not None and emb.weight is getattr(head, "weight", None)
+        if tied and emb.weight.requires_grad and not emb.sparse:
+            emb.sparse = True
+            # a backward that did not reach the head leaves the sparse part alone: fused AdamW needs it dense
+            emb.weight.register_post_accumulate_grad_hook(_densify)
+
+
+def _densify(p: torch.Tensor) -> None:
+    if p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CPU heap (glibc's malloc). A run starts with freed memory kept (fixed shapes: offline steps); FSDP gives big
+# blocks back at once; the first sampled batch (ragged shapes from then on) restores glibc's own policy.
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_heap = ["default"]
+
+
+def _mallopt(*settings: tuple[int, int]) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: leave the allocator alone
+            libc = ctypes.CDLL("libc.so.6")
+            for param, value in settings:
+                libc.mallopt(param, value)
+
+
+def choose_heap(device: torch.device, fsdp: bool) -> None:
+    """At the start of a run, on CPU: under FSDP, blocks of 1 MiB or more are mapped and given back to the OS when
+    freed (glibc's default raises that threshold to the largest block freed so far, after which gathered layers land
+    in heaps that are never given back: a whole model's size per rank over an eval). Otherwise freed memory stays in
+    the heap: by default glibc returns big blocks and every step page-faults them back in, zero-filled."""
+    if device.type != "cpu":
+        return
+    if fsdp:
+        _mallopt((_M_MMAP_THRESHOLD, 1 << 20))
+        _heap[0] = "fsdp"
+    else:
+        _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+        _heap[0] = "kept"
+
+
+def ragged_shapes_from_here() -> None:
+    """Called by generation: from now on every step allocates new shapes (sampled lengths), which fragment a kept heap
+    until it grows without bound, so glibc's defaults come back (a no-op unless the heap was kept)."""
+    if _heap[0] == "kept":
+        _mallopt((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
+        _heap[0] = "default"

@@ -123,7 +123,7 @@ def test_grpo_rollout_stops_at_the_turn_end(name, tmp_path):
     end, which is the last valid token of its completion, and the reward function gets the text before it and nothing
     sampled after."""
     from grpo import Args, GRPOTrainer
-    from rollout import sample, score
+    from rollout import sample
     tok = build_tokenizer(name)
     end = FAMILIES[name].stops[0]
     model = biased_model(tok, {"a": 2.0, "b": 2.0, end: 2.0 + float(torch.tensor(4 / 3).log())})
@@ -137,7 +137,7 @@ def test_grpo_rollout_stops_at_the_turn_end(name, tmp_path):
     assert tok.convert_ids_to_tokens(tr.end_of_turn) == FAMILIES[name].stops
     families.RECORDED.clear()
     ro = sample(tr, tr.next_examples(), num_samples=8)
-    score(tr.reward_fns, tr.reward_weights, ro)
+    tr.scorer(ro)
     texts, end_id, ended = list(families.RECORDED), tok.convert_tokens_to_ids(end), 0
     assert len(texts) == 16
     for ids, n, text in zip(ro.completions.tolist(), ro.mask.sum(1).int().tolist(), texts):

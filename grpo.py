@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Annotated
 
 import torch
@@ -33,8 +34,9 @@ from torch import nn
 import tasks
 from common import (BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag, run_main,
                     use_segment_attention)
-from rollout import (TOP_P_OFF_POLICY, Rollout, Scorer, completion_logps, evaluate_replies, first_samples, log_samples,
-                     masked_sum, prompt_examples, rollout_batch, sample, stopwatch, token_logps)
+from rollout import (TOP_P_OFF_POLICY, Env, Rollout, Scorer, completion_logps, env_examples, episode_metrics,
+                     evaluate_replies, first_samples, load_env, log_samples, masked_sum, prompt_examples,
+                     rollout_batch, sample, stopwatch, token_logps)
 
 
 class ScaleRewards(StrEnum):
@@ -114,6 +116,13 @@ class Args(TrainArgs):
     padding_free: bool = True
     """log-prob forwards on one packed row in which each group's prompt appears once (exact); --no-padding-free: the
     left-padded batch"""
+    env: str | None = None
+    """`module:factory`: multi-turn episodes with an environment (its contract: rollout.py, README); default on the
+    built-in tool task: its calculator (--dataset multiply: tasks:CalculatorEnv)"""
+    max_turns: int = 4
+    """--env: assistant replies per episode at most (--max-length bounds its tokens)"""
+    env_timeout: float = 10.0
+    """--env: seconds one environment call may take before the run stops with one line naming it"""
 
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
@@ -121,6 +130,9 @@ class Args(TrainArgs):
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
+        self.env = self.env or tasks.default_env(self.dataset)
+        check_flag(self, "max_turns", self.max_turns >= 1, "must be >= 1")
+        check_flag(self, "env_timeout", self.env_timeout > 0, "must be > 0")
         check_flag(self, "num_generations", self.num_generations >= 2,
                    "must be >= 2 (a group of one has no baseline or std: its advantage is undefined)")
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy groups are all alike)")
@@ -246,8 +258,10 @@ class GRPOTrainer(BaseTrainer):
         a = self.args
         self.scorer = Scorer(self, tasks.reward_fns(a.reward_fn, a.dataset, " (repeatable)"), a.reward_weights)
         train_rows, eval_rows = tasks.load_rows(a, "prompt")
-        self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
-        self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
+        self.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None  # multi-turn episodes
+        examples = partial(env_examples) if self.env else partial(prompt_examples, self.tokenizer,
+                                                                  max_prompt_length=a.max_prompt_length)
+        self.train_data, self.eval_data = examples(train_rows, split="train"), examples(eval_rows, split="eval")
 
     def training_step(self) -> StepOutput:
         """One iteration: sample each prompt's group -> score it -> group advantages -> old and reference log-probs
@@ -282,9 +296,9 @@ class GRPOTrainer(BaseTrainer):
                    "completions/clipped_ratio": (~ro.has_eos).float().mean(),
                    "time/generation": time_generate, "time/scoring": time_score, "time/logprobs": time_logprobs,
                    "time/update": clock()}
-        metrics |= {f"rewards/{name}/mean": col.mean() for name, col in per_fn.items()}
+        metrics |= {f"rewards/{name}/mean": col.mean() for name, col in per_fn.items()} | episode_metrics(ro)
         log_samples(self, first_samples(ro, rewards))
-        return StepOutput.of(updates, {k: float(v) for k, v in metrics.items()}, len(ro), ro.num_tokens())
+        return StepOutput.of(updates, metrics, len(ro), ro.num_tokens())
 
     def compute_loss(self, model, batch) -> LossOutput:
         """The clipped surrogate (+ beta x k3 KL) of one micro-batch of the rollout, aggregated by --loss-type."""
@@ -299,7 +313,7 @@ class GRPOTrainer(BaseTrainer):
             kl = k3_kl(logps, t["ref_logps"])
             per_token = per_token + a.beta * kl
             metrics["kl"] = masked_sum(kl, mask)
-        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens)
+        loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens * (a.max_turns if self.env else 1))
         # token metrics: exact means over the step's tokens, every micro-batch and rank (as TRL logs them)
         return LossOutput(loss, metrics | {
             "entropy": masked_sum(entropy, t["mask"]), "clip_ratio/low_mean": masked_sum(low, mask),
@@ -312,7 +326,7 @@ class GRPOTrainer(BaseTrainer):
         def metrics(ro: Rollout) -> dict:
             rewards, _ = self.scorer(ro)
             return {"reward": rewards.mean(), "completions/mean_length": ro.mask.sum(1).mean(),
-                    **tasks.accuracy(self.args.dataset, ro)}
+                    **tasks.accuracy(self.args.dataset, ro), **episode_metrics(ro)}
         return evaluate_replies(self, self.eval_data, self.args.batch_size * self.args.num_generations, metrics)
 
 

@@ -24,9 +24,9 @@ from torch import nn
 import tasks
 from common import (BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, add_lora, check_flag, kept_logits,
                     label_logps, run_main, segment_forward, use_segment_attention)
-from rollout import (TOP_P_OFF_POLICY, Rollout, Scorer, evaluate_replies, first_samples, load_reward_model,
-                     log_samples, masked_mean, prompt_examples, reward_head, rollout_batch, sample, scatter_tokens,
-                     stopwatch, token_logps)
+from rollout import (TOP_P_OFF_POLICY, Env, Rollout, Scorer, env_examples, episode_metrics, evaluate_replies,
+                     first_samples, load_env, load_reward_model, log_samples, masked_mean, prompt_examples,
+                     reward_head, rollout_batch, sample, scatter_tokens, stopwatch, token_logps)
 
 
 class CriticType(StrEnum):
@@ -94,6 +94,13 @@ class Args(TrainArgs):
     padding_free: bool = True
     """log-prob/value forwards on one packed row in which prompt prefixes shared by episodes (e.g. the chat template's
     system prompt) appear once (exact); --no-padding-free: the left-padded batch"""
+    env: str | None = None
+    """`module:factory`: multi-turn episodes with an environment (its contract: rollout.py, README); default on the
+    built-in tool task: its calculator (--dataset multiply: tasks:CalculatorEnv)"""
+    max_turns: int = 4
+    """--env: assistant replies per episode at most (--max-length bounds its tokens)"""
+    env_timeout: float = 10.0
+    """--env: seconds one environment call may take before the run stops with one line naming it"""
 
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
@@ -101,6 +108,9 @@ class Args(TrainArgs):
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
+        self.env = self.env or tasks.default_env(self.dataset)
+        check_flag(self, "max_turns", self.max_turns >= 1, "must be >= 1")
+        check_flag(self, "env_timeout", self.env_timeout > 0, "must be > 0")
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy decoding is not PPO's sampling)")
         check_flag(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         check_flag(self, "top_p", self.top_p == 1, TOP_P_OFF_POLICY)
@@ -189,6 +199,26 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
 
 
+def on_sampled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] -> [N, M]: each row's values at its sampled tokens (mask 1), left-aligned; single-turn rows unchanged."""
+    keep = mask.bool()
+    pos = mask.long().cumsum(1) - 1
+    rows = torch.arange(len(mask), device=mask.device)[:, None].expand_as(keep)
+    out = x.new_zeros(len(mask), int(mask.sum(1).max()))
+    out[rows[keep], pos[keep]] = x[keep]
+    return out
+
+
+def back_in_place(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of on_sampled: [N, M] -> [N, L], 0 off the sampled tokens."""
+    keep = mask.bool()
+    pos = mask.long().cumsum(1) - 1
+    rows = torch.arange(len(mask), device=mask.device)[:, None].expand_as(keep)
+    out = x.new_zeros(mask.shape)
+    out[keep] = x[rows[keep], pos[keep]]
+    return out
+
+
 def minibatch_rows(n: int, num_minibatches: int, accumulation: int) -> list[list[list[int]]]:
     """One epoch over n rollout rows: a fresh shuffle (the global RNG), cut into num_minibatches optimizer updates of
     `accumulation` equal micro-batches each -> [update][micro-batch][row]."""
@@ -272,8 +302,10 @@ class PPOTrainer(BaseTrainer):
                                                          " or --reward-model PATH")
         self.scorer = Scorer(self, fns, reward_model=self.reward_model)
         train_rows, eval_rows = tasks.load_rows(a, "prompt")
-        self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
-        self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
+        self.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None  # multi-turn episodes
+        examples = partial(env_examples) if self.env else partial(prompt_examples, self.tokenizer,
+                                                                  max_prompt_length=a.max_prompt_length)
+        self.train_data, self.eval_data = examples(train_rows, split="train"), examples(eval_rows, split="eval")
 
     def training_step(self) -> StepOutput:
         """One iteration: sample -> score -> log-probs, reference log-probs and values -> per-token rewards -> GAE ->
@@ -294,12 +326,15 @@ class PPOTrainer(BaseTrainer):
             logps, values = self.logps_and_values(self.model, whole)
             with self.reference() as ref:
                 ref_logps = token_logps(ref, whole, a.temperature)
-        # 4. per-token rewards (-KL on every token, the score on the last), then GAE
-        rewards, kl, non_score = shape_rewards(scores, logps, ref_logps, mask, a.kl_coef, a.kl_estimator)
+        # 4. per-token rewards (-KL on every sampled token, the score on the last), then GAE over the sampled tokens
+        # (an episode's environment messages between turns are no steps of the policy: taken out, then put back)
+        m = on_sampled(mask, mask)
+        rewards, kl, non_score = shape_rewards(scores, on_sampled(logps, mask), on_sampled(ref_logps, mask), m,
+                                               a.kl_coef, a.kl_estimator)
         if a.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
-        advantages = masked_whiten(advantages, mask) * mask
+            rewards = masked_whiten(rewards, m, shift_mean=False) * m
+        advantages, returns = gae(rewards, on_sampled(values, mask), m, a.gamma, a.lam)
+        advantages, returns = back_in_place(masked_whiten(advantages, m) * m, mask), back_in_place(returns, mask)
         time_logprobs = clock()
         # 5. --ppo-epochs passes, each a fresh shuffle into --num-minibatches updates
         per_seq = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
@@ -317,9 +352,9 @@ class PPOTrainer(BaseTrainer):
             / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8),
             "response_length": mask.sum(1).mean(),
             "time/generation": time_generate, "time/scoring": time_score, "time/logprobs_values": time_logprobs,
-            "time/update": clock()}
+            "time/update": clock()} | episode_metrics(ro)
         log_samples(self, [r | {"score": r.pop("reward")} for r in first_samples(ro, scores)])
-        return StepOutput.of(updates, {k: float(v) for k, v in metrics.items()}, len(ro), ro.num_tokens())
+        return StepOutput.of(updates, metrics, len(ro), ro.num_tokens())
 
     def compute_loss(self, model, batch) -> LossOutput:
         """The clipped PPO loss of one micro-batch of the rollout."""
@@ -347,7 +382,7 @@ class PPOTrainer(BaseTrainer):
         held-out greedy accuracy)."""
         def metrics(ro: Rollout) -> dict:
             return {"scores": self.scorer(ro)[0].mean(), "response_length": ro.mask.sum(1).mean(),
-                    **tasks.accuracy(self.args.dataset, ro)}
+                    **tasks.accuracy(self.args.dataset, ro), **episode_metrics(ro)}
         return evaluate_replies(self, self.eval_data, self.args.batch_size, metrics)
 
 

@@ -8,17 +8,20 @@ trainer: its model, tokenizer, end-of-turn ids, autocast, and the flags --max-ne
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from common import Batch, Mean, load_model
-from plumbing.data import check_prompt, encode_prompt, rank_batches
+from plumbing.data import check_prompt, encode_prompt, rank_batches, render_chat
 from plumbing.generation import generate, truncate_after_eos  # noqa: F401  (truncate_after_eos: tests, tasks)
 from plumbing.logprobs import kept_logits, label_logps, pack_for_labels
 from plumbing.metrics import MetricWindow
@@ -48,7 +51,9 @@ class Rollout:
     texts: list[str]
     """the final reply of each sequence, decoded: what reward functions score"""
     stats: dict = field(default_factory=dict)
-    """per-sequence tensors a multi-turn rollout adds (turns, tool calls, ...)"""
+    """per-sequence tensors a multi-turn rollout adds (turns, tool calls, the environment's reward, ...)"""
+    transcripts: list[str] | None = None
+    """a multi-turn episode's whole completion as text, turn by turn (for the sample log)"""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -59,24 +64,33 @@ class Rollout:
         idx = torch.tensor(rows, device=self.mask.device)
         return Rollout([self.examples[i] for i in rows], [self.prompt_ids[i] for i in rows], self.completions[idx],
                        self.mask[idx], self.lengths[idx], self.has_eos[idx], [self.texts[i] for i in rows],
-                       {k: v[idx] for k, v in self.stats.items()})
+                       {k: v[idx] for k, v in self.stats.items()},
+                       [self.transcripts[i] for i in rows] if self.transcripts else None)
 
     def num_tokens(self) -> int:
         return sum(map(len, self.prompt_ids)) + int(self.lengths.sum())
 
 
 def prompt_examples(tok, rows: list[tuple[str, dict]], max_prompt_length: int, split: str | None) -> list[dict]:
-    """Prompt rows -> {source, prompt, prompt_ids (cut from the left), fields: the row's other fields}."""
+    """Prompt rows -> {source, prompt, prompt_ids (cut from the left), row, fields: the row's other fields}."""
     out, truncated = [], 0
     for source, row in rows:
         check_prompt(source, row.get("prompt"))
         ids = encode_prompt(tok, row["prompt"], source)
         truncated += len(ids) > max_prompt_length
-        out.append({"source": source, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"],
+        out.append({"source": source, "prompt_ids": ids[-max_prompt_length:], "prompt": row["prompt"], "row": row,
                     "fields": {k: v for k, v in row.items() if k != "prompt"}})
     if split:
         print0(f"{split}: {len(out)} prompts ({truncated} cut from the left to --max-prompt-length)")
     return out
+
+
+def env_examples(rows: list[tuple[str, dict]], split: str | None) -> list[dict]:
+    """Prompt rows of an --env run: the environment opens each episode from the row's fields (no 'prompt' needed)."""
+    if split:
+        print0(f"{split}: {len(rows)} rows (each episode opened by --env)")
+    return [{"source": source, "prompt": row.get("prompt"), "prompt_ids": [], "row": row,
+             "fields": {k: v for k, v in row.items() if k != "prompt"}} for source, row in rows]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +110,10 @@ def sample(trainer, examples: list[dict], num_samples: int = 1, greedy: bool = F
            max_new_tokens: int | None = None) -> Rollout:
     """Each example's prompt num_samples times (samples contiguous, one prefill per prompt) from exactly
     softmax(logits / --temperature) (greedy: argmax), each reply cut after its first end-of-turn token. model:
-    default trainer.hf_model() (the policy)."""
+    default trainer.hf_model() (the policy). A trainer with an environment (`trainer.env`, an Env) samples whole
+    episodes instead (sample_episodes)."""
+    if getattr(trainer, "env", None) is not None:
+        return sample_episodes(trainer, examples, trainer.env, num_samples, greedy, max_new_tokens)
     a, tok = trainer.args, trainer.tokenizer
     model = model or trainer.hf_model()
     if not greedy:  # sampled lengths: new shapes every step from here (plumbing.speed)
@@ -160,6 +177,13 @@ class Scorer:
         self.weights = torch.tensor(weights or [1.0] * len(reward_fns), device=trainer.device)
 
     def __call__(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        env = ro.stats.get("env_reward")  # an environment's own reward wins; where it gave none, the functions score
+        if env is not None and not env.isnan().any():
+            return env, {}
+        scores, per_fn = self._score(ro)
+        return (scores if env is None else torch.where(env.isnan(), scores, env)), per_fn
+
+    def _score(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tr = self.trainer
         if self.reward_model is None:
             per_fn = torch.stack([call_reward_fn(fn, name, ro.examples, ro.texts, tr.device) for name, fn in self.fns],
@@ -227,6 +251,199 @@ def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tenso
     at = reward_token_index(rm.config, input_ids, attention_mask)
     return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Multi-turn episodes with an environment (--env module:factory)
+#
+# factory(row) builds the environment of one episode from its prompt row (a dict of the row's fields), with
+#     reset() -> list[dict]                the opening messages: a system message that offers the tools, the question
+#     step(reply: str) -> list[dict] | None  the messages that answer an assistant turn (a tool's result, feedback), or
+#                                          None: the episode is over
+#     reward() -> float | None             the episode's reward; None: the reward functions score the final reply
+# and optionally the ints `tool_calls` and `tool_errors`, and `metrics` (a dict of numbers: env/<name> in the log).
+# Exact by construction: the ids the policy sampled are kept as they are, never decoded and tokenized again; only the
+# environment's messages, with the template's glue around them, are tokenized (continuation_ids), as context.
+
+
+@dataclass
+class Env:
+    """The environment of a multi-turn run: --env's name (for error lines), its factory, the bounds of an episode."""
+    name: str
+    factory: object
+    max_turns: int = 4
+    timeout: float = 10.0
+
+
+def load_env(spec: str):
+    """The factory of `--env module:factory`, imported like a reward function."""
+    module, _, name = spec.partition(":")
+    try:
+        sys.path.insert(0, os.getcwd())
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"--env {spec}: cannot import ({e})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran
+        raise UserError(f"--env {spec}: importing {module} raised {first_line(e)}") from None
+    if not callable(factory):
+        raise UserError(f"--env {spec}: not callable")
+    return factory
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """TimeoutError in the main thread after `seconds` (SIGALRM; elsewhere no limit)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds:g} s (--env-timeout)")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+MESSAGES = "a non-empty list of {role, content} messages"
+
+
+def call_env(spec: str, what: str, fn, *args, timeout: float, returns: str = MESSAGES):
+    """Call environment code -> (its result, '' or one line naming --env, the call and what went wrong). returns:
+    MESSAGES, MESSAGES + " or None", "a finite number or None", or "anything"."""
+    try:
+        with time_limit(timeout, what):
+            out = fn(*args)
+    except SystemExit as stop:
+        return None, f"--env {spec}: {what} called sys.exit({stop.code!r})"
+    except Exception as e:  # noqa: BLE001 - user code: any failure is one line
+        return None, f"--env {spec}: {what} raised {first_line(e)}"
+    if returns == "anything" or (out is None and returns.endswith("or None")):
+        return out, ""
+    if returns.startswith(MESSAGES):
+        ok = isinstance(out, list) and bool(out) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in out)
+    else:
+        ok = isinstance(out, (int, float)) and not isinstance(out, bool) and math.isfinite(out)
+    shown = repr(out)[:60] if isinstance(out, (int, float, str, list, dict)) else type(out).__name__
+    return out, "" if ok else f"--env {spec}: {what} returned {shown}, expected {returns}"
+
+
+def continuation_ids(tok, messages: list[dict], end_of_turn: list[int], where: str) -> list[int]:
+    """The ids the chat template writes after an assistant turn's end-of-turn token: the rest of that turn's line,
+    `messages`, then the next assistant turn's generation prompt. Rendered after a placeholder turn, so no earlier
+    turn is ever rendered again (a template that rewrites earlier turns, as Qwen3's drops their reasoning, cannot
+    change what was sampled)."""
+    mark = "\ue000"
+    text = render_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}] + messages,
+                       where, generation_prompt=True)
+    after = text[text.rindex(mark) + len(mark):]
+    stop = tok.convert_ids_to_tokens(end_of_turn[0])
+    if after.lstrip().startswith(stop):  # the turn end the model sampled itself
+        after = after[after.index(stop) + len(stop):]
+    return tok(after, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def sample_episodes(trainer, examples: list[dict], env: Env, num_samples: int = 1, greedy: bool = False,
+                    max_new_tokens: int | None = None) -> Rollout:
+    """Each example's episode num_samples times (contiguous): the environment opens it; then, one batch per turn for
+    the live episodes, the policy samples a reply (up to its end-of-turn token) and the environment answers or ends
+    it, within env.max_turns replies and --max-length tokens per episode. The completion holds every reply and the
+    environment's messages between them; `mask` marks the sampled ids, the only ones a loss or metric counts; the
+    stats hold the log-prob each was sampled with (`sampling_logps`)."""
+    a, tok, model, spec = trainer.args, trainer.tokenizer, trainer.hf_model(), env.name
+    max_new_tokens, timeout = max_new_tokens or a.max_new_tokens, env.timeout
+    examples = [e for e in examples for _ in range(num_samples)]
+    n, error = len(examples), ""
+    envs, prompts = [], []
+    for e in examples:
+        one, err = call_env(spec, "factory(row)", env.factory, e["row"], timeout=timeout,
+                            returns="anything") if not error else (None, "")
+        opening, err = call_env(spec, "reset()", one.reset, timeout=timeout) if one and not err else (None, err)
+        error = error or err
+        envs.append(one)
+        prompts.append(encode_prompt(tok, opening, e["source"])[-a.max_prompt_length:] if opening and not err else [])
+    agree_on_error(error)
+    comp, mask, logps = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    live, ended, turns, replies = [True] * n, [False] * n, [0] * n, [""] * n
+    if not greedy:
+        ragged_shapes_from_here()
+    model.eval()
+    for _ in range(env.max_turns):
+        idx = [i for i in range(n) if live[i]]
+        if not any_rank(bool(idx), trainer.device):  # FSDP: every rank generates as often as any
+            break
+        ids, attn = left_pad([prompts[i] + comp[i] for i in idx] or [prompts[0]], tok.pad_token_id)
+        with trainer.autocast():
+            out, out_mask, has_eos, out_logps = generate(
+                model, tok, ids.to(trainer.device), attn.to(trainer.device), max_new_tokens,
+                0.0 if greedy else a.temperature, synced=trainer.fsdp, stop_ids=trainer.end_of_turn,
+                gather=a.gather_for_generation, return_logps=True)
+        for k, i in enumerate(idx):
+            room = a.max_length - len(prompts[i]) - len(comp[i])
+            k_len = min(int(out_mask[k].sum()), room)
+            reply = out[k, :k_len].tolist()
+            comp[i] += reply
+            mask[i] += [1] * k_len
+            logps[i] += out_logps[k, :k_len].tolist()
+            turns[i] += 1
+            replies[i] = tok.decode(reply, skip_special_tokens=True)
+            live[i] = False
+            if not has_eos[k] or k_len < int(out_mask[k].sum()):  # cut by --max-new-tokens or --max-length
+                continue
+            messages, err = call_env(spec, "step(reply)", envs[i].step, replies[i], timeout=timeout,
+                                     returns=MESSAGES + " or None")
+            error = error or err
+            if err or messages is None:
+                ended[i] = not err
+                continue
+            glue = continuation_ids(tok, messages, trainer.end_of_turn, examples[i]["source"])
+            if turns[i] < env.max_turns and len(prompts[i]) + len(comp[i]) + len(glue) < a.max_length:
+                comp[i] += glue
+                mask[i] += [0] * len(glue)
+                logps[i] += [0.0] * len(glue)
+                live[i] = True
+        agree_on_error(error)
+    rewards = []
+    for one in envs:
+        r, err = call_env(spec, "reward()", one.reward, timeout=timeout, returns="a finite number or None")
+        error = error or err
+        rewards.append(float("nan") if r is None else float(r))
+    agree_on_error(error)
+    width, device = max(map(len, comp)), trainer.device
+    pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)  # noqa: E731
+    count = lambda name: torch.tensor([float(getattr(x, name, 0)) for x in envs], device=device)  # noqa: E731
+    stats = {"turns": torch.tensor(turns, dtype=torch.float, device=device), "tool_calls": count("tool_calls"),
+             "tool_errors": count("tool_errors"), "env_reward": torch.tensor(rewards, device=device),
+             "sampling_logps": pad(logps, 0.0)}
+    for key in sorted({k for x in envs for k in getattr(x, "metrics", {})}):
+        stats[f"env/{key}"] = torch.tensor([float(getattr(x, "metrics", {}).get(key, 0.0)) for x in envs],
+                                           device=device)
+    return Rollout(examples, prompts, pad(comp, tok.pad_token_id), pad(mask, 0).float(),
+                   torch.tensor(list(map(len, comp)), device=device), torch.tensor(ended, device=device), replies,
+                   stats, [tok.decode(c) for c in comp])
+
+
+def any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def episode_metrics(ro: Rollout) -> dict:
+    """turns/mean, tool_calls/mean (per episode), tool_calls/error_ratio (errors / calls, exact over the log window),
+    episodes/truncated_ratio (a turn or token budget hit), env/<name>; {} for a single-turn rollout."""
+    if "turns" not in ro.stats:
+        return {}
+    s = ro.stats
+    return {"turns/mean": s["turns"].mean(), "tool_calls/mean": s["tool_calls"].mean(),
+            "tool_calls/error_ratio": Mean(s["tool_errors"].sum().item(), s["tool_calls"].sum().item()),
+            "episodes/truncated_ratio": (~ro.has_eos).float().mean()} | {
+        k: v.mean() for k, v in s.items() if k.startswith("env/")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

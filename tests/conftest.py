@@ -259,18 +259,19 @@ def fixed_rewards(trainer, ro, num_samples: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def grpo_micro_batches(trainer, groups: list[int], old_policy_shift: float = 0.0) -> list:
-    """The micro-batches of the first update of one real GRPO iteration (`training_step`) on training examples
-    `groups` (this rank's share), with fixed_rollout for the sampling and fixed_rewards for the scoring. The update
-    itself is not run. old_policy_shift > 0 (with --num-iterations > 1) moves the old policy's log-probs by seeded
-    noise of that size, so ratios differ from 1."""
+def grpo_micro_batches(trainer, groups: list[int], old_policy_shift: float = 0.0, script=None) -> list:
+    """The micro-batches of the first update of one real iteration (`training_step`) of grpo.py (or `script`, a module
+    with the same rollout functions: online_dpo) on training examples `groups` (this rank's share), with fixed_rollout
+    for the sampling and fixed_rewards for the scoring. The update itself is not run. old_policy_shift > 0 (with
+    --num-iterations > 1) moves the old policy's log-probs by seeded noise of that size, so ratios differ from 1."""
     import grpo
     from common import StepOutput
-    G, recorded = trainer.args.num_generations, []
+    grpo = script or grpo
+    G, recorded = getattr(trainer.args, "num_generations", 2), []
     saved = grpo.sample, grpo.Scorer.__call__, grpo.completion_logps
 
-    def old_or_ref_logps(tr, model, ro):
-        logps = saved[2](tr, model, ro)
+    def old_or_ref_logps(tr, model, ro, **kw):
+        logps = saved[2](tr, model, ro, **kw)
         if old_policy_shift and model is tr.model:  # the old policy's
             noise = torch.cat([torch.randn(G, logps.shape[1], generator=torch.Generator().manual_seed(
                 200 + _index(tr, e))) for e in ro.examples[::G]])

@@ -181,3 +181,21 @@ def record(prompts, completions, **fields):
     """A reward function that keeps the texts it is handed (grpo.py --reward-fn families:record)."""
     RECORDED.extend(completions)
     return [float(len(c)) for c in completions]
+
+
+def chatty_model(tok, favoured: dict[str, float], seed: int = 0):
+    """A tiny random Llama whose replies favour a few tokens (token -> extra logit: its turn end, so turns do end)
+    while every logit still depends on the whole context (attention and MLPs are random, not switched off)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # the mean final hidden state over random inputs: favoured rows point along it
+        h = model.model(torch.randint(0, len(tok), (8, 32))).last_hidden_state.mean((0, 1))
+        for t, logit in favoured.items():
+            model.lm_head.weight[tok.convert_tokens_to_ids(t)] += logit * h / h.pow(2).sum()
+    return model

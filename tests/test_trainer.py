@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from common import Mean, UserError
-from plumbing.metrics import MetricWindow
-from conftest import capture_grads, checkpoint_weights, dpo_args, read_metrics
+from common import LossOutput, Mean, StepOutput, UserError, sequence_logps
+from conftest import capture_grads, checkpoint_weights, dpo_args, read_metrics, update_grads
 from dpo import DPOTrainer, main
+from plumbing.metrics import MetricWindow
 
 
 @pytest.mark.parametrize("kw", [{}, {"rpo_alpha": 1.0, "loss_type": "ipo"}])
@@ -301,3 +301,50 @@ def test_mean_metrics_aggregate_exactly_over_micro_batches():
     w = MetricWindow()
     w.add({"rewards/chosen": Mean(0.0, 0)}, weight=1)
     assert "rewards/chosen" not in w.reduce("cpu", rates=False)  # no row of the class in the window: not logged
+
+
+def test_a_step_whose_plain_metrics_would_weigh_nothing_is_an_error():
+    with pytest.raises(ValueError, match="num_samples is 0"):
+        StepOutput({"reward": 0.5}, 0)
+    StepOutput({"reward": Mean(1.0, 2)}, 0)  # exact means carry their own weight
+    merged = StepOutput.of([StepOutput({"loss": Mean(1.0, 2), "grad_norm": Mean(3.0, 1)}, 2, 10),
+                            StepOutput({"loss": Mean(2.0, 2), "grad_norm": Mean(5.0, 1)}, 2, 10)],
+                           {"reward": 0.25}, num_samples=8, num_tokens=40)
+    assert merged.metrics["loss"] == Mean(3.0, 4) and merged.metrics["grad_norm"] == Mean(8.0, 2)
+    assert (merged.num_samples, merged.num_tokens, merged.metrics["reward"]) == (8, 40, 0.25)
+
+
+class _DroppingDPO(DPOTrainer):
+    """The recipe for dropping samples: a dropped pair stays in its micro-batch with weight 0 and the loss is
+    Mean(sum over the kept, number kept)."""
+    keep_rows: set = set()
+
+    def compute_loss(self, model, batch):
+        from dpo import dpo_loss
+        logps = sequence_logps(model, batch)
+        with torch.no_grad(), self.reference() as ref:
+            ref_logps = sequence_logps(ref, batch)
+        losses, _, _ = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), self.args.beta)
+        keep = torch.tensor([float(s in self.keep_rows) for s in batch.sources])
+        return LossOutput(Mean((losses * keep).sum(), keep.sum()), {"loss": Mean((losses * keep).sum(), keep.sum())})
+
+
+def test_dropped_samples_weigh_nothing_and_an_update_that_kept_none_is_no_update(tiny_model_dir, pairs_file, tmp_path):
+    """Two micro-batches of 4 pairs, 3 of them dropped (unevenly: 2 and 1): the update's gradient is the one-process
+    mean over the 5 kept pairs alone (a micro-batch of just them, plain mean); a plain mean that left the dropped pairs
+    in would differ. An update in which every pair was dropped changes no weight and logs no loss."""
+    t = _DroppingDPO(dpo_args(tiny_model_dir, pairs_file, tmp_path / "a", max_grad_norm=0.0))
+    rows = t.train_data[:8]
+    kept = [r for i, r in enumerate(rows) if i not in (1, 2, 5)]
+    t.keep_rows = {r["source"] for r in kept}
+    dropping = update_grads(t, [t.make_batch(rows[:4]), t.make_batch(rows[4:])])
+    plain = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "b", max_grad_norm=0.0))
+    alone = update_grads(plain, [plain.make_batch(kept)])
+    for n in alone:
+        torch.testing.assert_close(dropping[n], alone[n], rtol=1e-4, atol=1e-7, msg=n)
+    diluted = update_grads(plain, [plain.make_batch(rows[:4]), plain.make_batch(rows[4:])])
+    assert any(not torch.allclose(diluted[n], alone[n], rtol=1e-3) for n in alone)
+    t.keep_rows = set()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    out = t.update([t.make_batch(rows[:4]), t.make_batch(rows[4:])])
+    assert out.metrics == {} and all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())

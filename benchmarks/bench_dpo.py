@@ -1,9 +1,13 @@
-"""Our DPO (dpo.py) against TRL's DPOTrainer: same model, rows, batch, truncation and precision. Each configuration
-trains in a fresh process: this file, run again with --worker. Commands, and what is held equal: benchmarks/README.md.
+"""Our DPO (dpo.py) against TRL's DPOTrainer: same model, rows, batch, truncation and precision; with --baseline-repo,
+also against another checkout's dpo.py (baseline-bf16). Each configuration trains in a fresh process: this file, run
+again with --worker. Commands, and what is held equal: benchmarks/README.md.
 """
 from __future__ import annotations
 
+import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import harness
 from harness import config_name, gb, repo_on_path
@@ -43,6 +47,8 @@ CONFIGS = {
                            LORA_R | GC, lora=True),
     "trl-bf16-lora": C("trl", "bf16", "TRL defaults bf16 + the same peft LoraConfig", lora=True),
     "trl-bf16-lora-best": C("trl", "bf16", "TRL best bf16 + the same peft LoraConfig", TRL_BEST, lora=True),
+    # ours-bf16 run by --baseline-repo's bench_dpo.py worker, with its own modules (the layout before a change)
+    "baseline-bf16": C("ours", "bf16", "baseline bf16 (--baseline-repo)"),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 GROUPS = {"lora": ["ours-bf16", "ours-bf16-lora", "trl-bf16-lora", "ours-bf16-lora-gc", "trl-bf16-lora-best"]}
@@ -62,7 +68,7 @@ def ref_in_step(cfg: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Workers
+# Workers (the spec's keys are the protocol a --baseline-repo checkout's worker reads too: keep them)
 
 
 def worker_ours(spec: dict) -> dict:
@@ -193,7 +199,7 @@ def render(results: dict, runs: list[str], meta: dict) -> str:
                         for o, t, ro, rt in ((o, t, results[o], results[t]) for o, t in pairs)])
     L.append(same_tokens_line(results, [x for p in pairs for x in p]))
     L += ["\nTargets, ours vs TRL DPOTrainer on the same rows (step time ours/TRL; MFU; peak RSS train at equal "
-          "settings):", *targets(results)]
+          "settings):", *targets(results), *baseline_lines(results, ok, meta)]
     return "\n".join(L) + "\n"
 
 
@@ -225,21 +231,53 @@ def targets(results: dict) -> list[str]:
     return out
 
 
+def baseline_lines(results: dict, ok: list[str], meta: dict) -> list[str]:
+    """ours-bf16 against baseline-bf16: the timed steps of all runs of each pooled, and ours / baseline."""
+    runs = {c: [k for k in ok if config_name(k) == c] for c in ("ours-bf16", "baseline-bf16")}
+    if not all(runs.values()):
+        return []
+    pooled = {c: statistics.median([x for k in ks for x in results[k]["step_s"][meta["warmup_steps"]:]])
+              for c, ks in runs.items()}
+    L = [f"\n## Layout: this checkout vs --baseline-repo {meta['baseline']}\n",
+         "Both run ours-bf16's spec, each with its own checkout's worker and modules; pooled = the median of the timed "
+         "steps of all runs of a configuration, per run in brackets.\n"]
+    L += harness.table(["configuration", "runs", "s/step pooled", "per run", "peak RSS train GB (max)"],
+                       [[c, len(ks), f"{pooled[c]:.3f}", ", ".join(f"{results[k]['median_s']:.2f}" for k in ks),
+                         gb(max(results[k]["train_peak_rss"] or 0 for k in ks) or None)]
+                        for c, ks in runs.items()])
+    return L + [f"\nours / baseline: **{pooled['ours-bf16'] / pooled['baseline-bf16']:.3f}** (pooled s/step).",
+                same_tokens_line(results, runs["ours-bf16"] + runs["baseline-bf16"]).strip()]
+
+
+def use_baseline(path: str | None) -> str:
+    """Point baseline-bf16 at PATH's worker (run from PATH, so it imports PATH's modules). -> PATH and its commit."""
+    root = Path(path or ".").resolve()
+    if not path or not (root / "benchmarks" / "bench_dpo.py").exists():
+        raise SystemExit(f"baseline-bf16 needs --baseline-repo PATH, a checkout with benchmarks/bench_dpo.py ({path})")
+    commit = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h of %cs"], capture_output=True, text=True)
+    CONFIGS["baseline-bf16"] |= {"script": str(root / "benchmarks" / "bench_dpo.py"), "cwd": root,
+                                 "label": f"baseline bf16 ({root.name})"}
+    return f"`{root}` ({commit.stdout.strip() or 'not a git checkout'})"
+
+
 def main() -> None:
     p = harness.bench_parser(__doc__, output="results_dpo.md", configs=CONFIGS, default_order=DEFAULT_ORDER,
                              warmup=2, timed=4, timeout=1200, data=True)
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     p.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens")
     p.add_argument("--matmul-seconds", type=float, default=2.0, help="per dtype, per measurement")
+    p.add_argument("--baseline-repo", help="another checkout of this repo: baseline-bf16 runs its "
+                   "benchmarks/bench_dpo.py worker, from its directory, with --ours-python")
     a = p.parse_args()
     if harness.run_as_worker(a, worker_ours, worker_trl):
         return
     runs = harness.parse_runs(a, CONFIGS, GROUPS)
+    baseline = use_baseline(a.baseline_repo) if "baseline-bf16" in runs else None
     model_dir, work, meta = harness.start(a, "bench_dpo_")
     k = a.batch_size * (a.warmup_steps + a.timed_steps)
     rows, skipped = harness.select_rows(harness.data_path(a.data), model_dir, k, a.max_length)
     n_params, n_total = harness.non_embedding_params(model_dir)
-    meta |= {"num_rows": k, "skipped": skipped, "n_params": n_params, "n_total": n_total,
+    meta |= {"num_rows": k, "skipped": skipped, "n_params": n_params, "n_total": n_total, "baseline": baseline,
              "peak_before": harness.matmul_peak(a.matmul_seconds)}
     print(f"work dir {work}; {k} rows ({skipped} skipped: prompt >= {a.max_length} tokens); N = {n_params:,}; "
           f"matmul peak {meta['peak_before']}; load {meta['load_start']}", flush=True)

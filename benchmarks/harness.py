@@ -347,14 +347,15 @@ def header_lines(meta: dict, unit: str = "optimizer steps") -> list[str]:
             f"from one run only\n"]
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float | None, env: dict | None = None) -> tuple[int, float]:
+def run_logged(cmd: list[str], log: Path, timeout: float | None, env: dict | None = None,
+               cwd: Path = REPO) -> tuple[int, float]:
     """Run cmd, its output in log, in its own process group so that a timeout ends its children too (torchrun's
     ranks). -> (exit code, 124 on a timeout; wall seconds)."""
     t = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env or os.environ.copy(),
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env or os.environ.copy(),
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout)
@@ -367,9 +368,9 @@ def run_logged(cmd: list[str], log: Path, timeout: float | None, env: dict | Non
 
 def run_all(a, script: str, runs: list[str], configs: dict, work: Path, meta: dict, spec_of, describe,
             raw: dict | None = None) -> dict:
-    """Each run in turn, in a fresh process: `python script --worker side --spec F --result F`, its output in
-    work/name.log; spec_of(name, cfg) -> the worker's spec (or a reason to skip it), describe(result) -> its progress
-    line. -> run key -> the worker's result plus wall time,
+    """Each run in turn, in a fresh process: `python script --worker side --spec F --result F` (a configuration may name
+    its own "script" and "cwd": another checkout), its output in work/name.log; spec_of(name, cfg) -> the worker's spec
+    (or a reason to skip it), describe(result) -> its progress line. -> run key -> the worker's result plus wall time,
     load average before and after, the log, or an 'error'."""
     raw = {} if raw is None else raw
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
@@ -385,9 +386,9 @@ def run_all(a, script: str, runs: list[str], configs: dict, work: Path, meta: di
         spec_file, result_file, log = (work / f"{name}.{x}" for x in ("spec.json", "result.json", "log"))
         spec_file.write_text(json.dumps(spec | {"name": name, "output_dir": str(work / f"out-{name}")}))
         load_before = loadavg()
-        rc, wall = run_logged([a.ours_python if cfg["side"] == "ours" else a.trl_python, str(Path(script).resolve()),
-                               "--worker", cfg["side"], "--spec", str(spec_file), "--result", str(result_file)], log,
-                              a.timeout, env)
+        rc, wall = run_logged([a.ours_python if cfg["side"] == "ours" else a.trl_python, str(Path(cfg.get(
+            "script", script)).resolve()), "--worker", cfg["side"], "--spec", str(spec_file), "--result",
+            str(result_file)], log, a.timeout, env, cfg.get("cwd", REPO))
         r = {"name": name, "wall_s": wall, "load_before": load_before, "load_after": loadavg(), "log": str(log)}
         if rc == 0 and result_file.exists():
             raw[name] = r = r | json.loads(result_file.read_text())

@@ -3,12 +3,10 @@
     python benchmarks/bench_scale.py                          # the issue's size: a 276M random Llama (~1.1 GB fp32)
     python benchmarks/bench_scale.py --hidden 512 --layers 8  # smaller, quicker
 
-A random Llama with SmolLM2's tokenizer (the bundled model's; tied embeddings) is written once to --model-dir. Each
-configuration runs the script in fresh processes, fp32, --batch-size 1 --max-length 64 --eval-size 4: eval-only
-(--total-steps 0: load + step-0 eval) and 2 training steps (then the export). Every process records its own peak RSS
-(VmHWM, read at exit); the table gives the largest rank's peak and the sum over ranks, and each against one process.
-dpo.py runs on 40 HH rows, sft.py on the built-in task (greedy eval included), grpo.py on the built-in task with
---beta 0.04 (a reference model), 2 prompts x 2 completions, 8 new tokens. Results: benchmarks/results_scale.md.
+A random Llama with the bundled model's tokenizer (tied embeddings) is written once to --model-dir. Each configuration
+runs the script in fresh processes, fp32, batch 1, max length 64, 4 eval rows: eval-only (--total-steps 0) and 2
+training steps (then the export); each process records its VmHWM at exit. dpo.py runs on 40 HH rows, sft.py and
+grpo.py on the built-in task (grpo.py: --beta 0.04, 2 prompts x 2 completions, 8 new tokens).
 """
 from __future__ import annotations
 
@@ -24,24 +22,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HH = REPO.parent / "shared" / "data" / "hh_harmless_test.jsonl"
-SCRIPTS = {
-    "dpo": ["--dataset", "{rows}"],
-    "sft": [],
-    "grpo": ["--beta", "0.04", "--num-generations", "2", "--batch-size", "2", "--max-new-tokens", "8"],
-}
+SCRIPTS = {"dpo": ["--dataset", "{rows}"], "sft": [],
+           "grpo": ["--beta", "0.04", "--num-generations", "2", "--batch-size", "2", "--max-new-tokens", "8"]}
 
 
 def child() -> None:
     """`bench_scale.py --child OUT SCRIPT args`: run SCRIPT as __main__, write this process's VmHWM at exit."""
     out, script, rest = sys.argv[2], sys.argv[3], sys.argv[4:]
-
-    def record():
-        hwm = next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
-        Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(str(hwm))
-    atexit.register(record)
-    sys.argv = [script] + rest
-    sys.path.insert(0, str(REPO))
+    atexit.register(lambda: Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(str(next(
+        int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))))
+    sys.argv, sys.path[:0] = [script] + rest, [str(REPO)]
     runpy.run_path(str(REPO / script), run_name="__main__")
 
 
@@ -50,15 +40,14 @@ def build_model(d: Path, hidden: int, layers: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     sys.path.insert(0, str(REPO))
-    from common import BUNDLED_MODEL, load_tokenizer
-    tok = load_tokenizer(BUNDLED_MODEL)
-    heads = hidden // 64
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
-                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    from plumbing.models import BUNDLED_MODEL, load_tokenizer
+    tok, heads = load_tokenizer(BUNDLED_MODEL), hidden // 64
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
     if not (d / "config.json").exists():
         model.save_pretrained(d)
         tok.save_pretrained(d)
@@ -68,14 +57,12 @@ def build_model(d: Path, hidden: int, layers: int) -> int:
 def run(script: str, nproc: int, steps: int, model: Path, rows: Path, tmp: Path, port: int) -> list[int]:
     """Peak RSS (bytes) of each rank of one run."""
     out = tmp / f"{script}-{nproc}-{steps}"
-    flags = [f.format(rows=rows) for f in SCRIPTS[script]]
-    flags = ["--model", str(model), "--precision", "fp32", "--batch-size", "1", "--max-length", "64",
-             "--eval-size", "4", "--total-steps", str(steps), "--eval-every", "0", "--save-every", "0",
-             "--output-dir", str(out)] + flags  # later flags win: grpo's own --batch-size
-    launcher = [sys.executable] if nproc == 1 else \
-        ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={port}"]
-    strategy = [] if nproc == 1 else ["--strategy", "fsdp"]
-    cmd = launcher + [__file__, "--child", str(out), f"{script}.py"] + flags + strategy
+    flags = ["--model", str(model), "--precision", "fp32", "--batch-size", "1", "--max-length", "64", "--eval-size",
+             "4", "--total-steps", str(steps), "--eval-every", "0", "--save-every", "0", "--output-dir", str(out)]
+    flags += [f.format(rows=rows) for f in SCRIPTS[script]]  # later flags win: grpo's own --batch-size
+    launcher = [sys.executable] if nproc == 1 else ["torchrun", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    cmd = launcher + [__file__, "--child", str(out), f"{script}.py"] + flags + ([] if nproc == 1 else
+                                                                                ["--strategy", "fsdp"])
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        env=os.environ | {"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     if r.returncode != 0:
@@ -84,7 +71,7 @@ def run(script: str, nproc: int, steps: int, model: Path, rows: Path, tmp: Path,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--model-dir", default=None, help="default: a temporary directory per size")
@@ -96,12 +83,11 @@ def main() -> None:
     model = Path(a.model_dir or Path(tempfile.gettempdir()) / f"bench_scale_llama_{a.hidden}x{a.layers}")
     n_params = build_model(model, a.hidden, a.layers)
     rows = tmp / "hh40.jsonl"
-    rows.write_text("".join(open(HH).readlines()[:40]))
-    nprocs = [int(n) for n in a.nprocs.split(",")]
+    rows.write_text("".join(open(REPO.parent / "shared" / "data" / "hh_harmless_test.jsonl").readlines()[:40]))
     results, port, start = {}, 29700, time.time()
     for script in a.scripts.split(","):
         for steps in (0, 2):
-            for nproc in nprocs:
+            for nproc in map(int, a.nprocs.split(",")):
                 port += 1
                 results[script, steps, nproc] = run(script, nproc, steps, model, rows, tmp, port)
                 print(script, steps, nproc, [f"{x / 1e9:.2f}" for x in results[script, steps, nproc]], flush=True)
@@ -124,7 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child()
-    else:
-        main()
+    child() if sys.argv[1:2] == ["--child"] else main()

@@ -1,12 +1,11 @@
-"""The CUDA path on one GPU in one short run: every script in bf16, plain and FSDP2 (torchrun, one process), a resume
-on CUDA, the DPO and GRPO benchmarks (ours) with tokens/s and MFU against the card's measured bf16 matmul peak, and
-the fast test suite.
+"""The CUDA path on one GPU in one short run: every script in bf16, plain and FSDP2 (torchrun, one process), a resume,
+bench_dpo.py and bench_grpo.py (ours) with tokens/s and MFU against the card's measured bf16 peak, the fast tests.
 
     python benchmarks/gpu_check.py --model DIR --data ../shared/data/hh_harmless_test.jsonl --out OUT   # ~6 min, H100
 
-A model directory with a config and a tokenizer but no weights gets random weights of that shape: a GPU node without
-network cannot fetch the bundled model, and throughput does not depend on the weights (random weights never emit EOS,
-so every GRPO completion runs to --max-new-tokens). Writes OUT/gpu_check.md, the two benchmark tables and the logs.
+A model directory without weights gets random weights of its shape (a GPU node without network cannot fetch the
+bundled model; random weights never emit EOS, so every GRPO completion runs to the token cap). Writes
+OUT/gpu_check.md, the two benchmark tables and logs.tar.gz.
 """
 from __future__ import annotations
 
@@ -22,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import harness
-from harness import REPO
 
 SCRIPTS = ("sft", "reward", "dpo", "ppo", "grpo")
-sh = harness.run_logged  # every command of the check: logged, and ended with its children on a timeout
+DPO = {"batch": 16, "max_length": 512}
+GRPO = {"episodes": 256, "max_new_tokens": 128}  # 32 prompts x 8
+TIMEOUT = {"smoke": 150, "bench": 200, "tests": 100}  # seconds each, so that the run stays under 10 minutes
+sh = harness.run_logged  # every command: logged, and ended with its children on a timeout
 
 
 def with_weights(model: Path, work: Path) -> tuple[str, bool]:
@@ -35,103 +36,78 @@ def with_weights(model: Path, work: Path) -> tuple[str, bool]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    out = work / "random_model"
-    shutil.copytree(model, out, dirs_exist_ok=True)
+    shutil.copytree(model, out := work / "random_model", dirs_exist_ok=True)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).save_pretrained(out)
     return str(out), True
 
 
-def smoke_chain(script: str, model: str, work: Path, timeout: int) -> list[dict]:
-    """`python script.py` (plain) and `torchrun --nproc_per_node 1 script.py --strategy fsdp`, a few steps each on
-    the built-in task; for dpo.py also an FSDP2 resume (save at step 2, kill nothing, resume 4 -> 6)."""
-    common = ["--model", model, "--total-steps", "4", "--log-every", "1", "--eval-every", "0", "--save-every", "0"]
-    port = 29500 + SCRIPTS.index(script)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", str(port)]
-    runs = [("plain", [sys.executable, f"{script}.py"] + common),
-            ("fsdp", torchrun + [f"{script}.py", "--strategy", "fsdp"] + common)]
+def smoke_chain(script: str, model: str, work: Path) -> list[dict]:
+    """`python script.py` and `torchrun --nproc_per_node 1 script.py --strategy fsdp`, 4 steps each on the built-in
+    task; for dpo.py also an FSDP2 resume from the fsdp run's step-4 checkpoint to step 6."""
+    flags = ["--model", model, "--total-steps", "4", "--log-every", "1", "--eval-every", "0", "--save-every", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port",
+                str(29500 + SCRIPTS.index(script))]
+    runs = [("plain", [sys.executable, f"{script}.py"] + flags),
+            ("fsdp", torchrun + [f"{script}.py", "--strategy", "fsdp"] + flags)]
     if script == "dpo":
-        runs.append(("fsdp-resume", torchrun + ["dpo.py", "--strategy", "fsdp", "--model", model, "--log-every", "1",
-                                                "--eval-every", "0", "--save-every", "2", "--total-steps", "6",
-                                                "--resume"]))
-    out = []
+        runs[1][1][-1] = "2"  # --save-every 2: checkpoints for the resume
+        runs.append(("fsdp-resume", torchrun + ["dpo.py", "--strategy", "fsdp"] + flags[:2] + [
+            "--total-steps", "6", "--log-every", "1", "--eval-every", "0", "--save-every", "2", "--resume"]))
+    out, key = [], "eval/accuracy" if script == "reward" else "eval/greedy_accuracy"
     for mode, cmd in runs:
-        d = work / f"{script}-{'fsdp' if mode.startswith('fsdp') else mode}"
-        cmd = cmd + ["--output-dir", str(d)]
-        if mode == "fsdp" and script == "dpo":  # checkpoints at 2 and 4 for the resume that follows
-            cmd[cmd.index("--save-every") + 1] = "2"
-        env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        rc, wall = sh(cmd, work / f"{script}-{mode}.log", timeout, env=env)
-        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] if (
-            d / "metrics.jsonl").exists() else []
-        train = [r for r in recs if "train/grad_norm" in r]
-        key = "eval/accuracy" if script == "reward" else "eval/greedy_accuracy"
-        evals = [r for r in recs if key in r]
-        out.append({"script": script, "mode": mode, "rc": rc, "wall_s": wall,
-                    "last_step": train[-1].get("step") if train else None,
-                    "loss": next((train[-1][k] for k in ("train/loss", "train/loss/policy_avg", "train/reward")
-                                  if k in train[-1]), None) if train else None,
-                    "grad_norm": train[-1].get("train/grad_norm") if train else None,
-                    "eval": [r[key] for r in evals],
-                    "final": (d / "final").is_dir(),
-                    "tail": (work / f"{script}-{mode}.log").read_text()[-600:] if rc else ""})
+        d, log = work / f"{script}-{mode.split('-')[0]}", work / f"{script}-{mode}.log"
+        rc, wall = sh(cmd + ["--output-dir", str(d)], log, TIMEOUT["smoke"],
+                      env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        recs = harness.read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
+        last = ([r for r in recs if "train/grad_norm" in r] or [{}])[-1]
+        out.append({"script": script, "mode": mode, "rc": rc, "wall_s": wall, "last_step": last.get("step"),
+                    "loss": next((last[k] for k in ("train/loss", "train/loss/policy_avg", "train/reward")
+                                  if k in last), None), "grad_norm": last.get("train/grad_norm"),
+                    "eval": [r[key] for r in recs if key in r], "final": (d / "final").is_dir(),
+                    "tail": log.read_text()[-600:] if rc else ""})
     return out
 
 
 def grpo_mfu(bench_dir: Path, n_params: int, peak_tflops: float) -> list[str]:
+    """Generation: 2N per prompt token (prefill) and per generated token; the packed update: 6N per token (each
+    group's prompt once + every completion token); attention not counted."""
     res = json.loads((bench_dir / "results.json").read_text())
-    meta, lines = res["meta"], []
-    bs, g = meta["batch_size"], meta["num_generations"]
-    prompt_len = int(str(meta["prompt_tokens"]).split("-")[-1])
+    bs, g = res["meta"]["batch_size"], res["meta"]["num_generations"]
+    prompt_len, rows = int(str(res["meta"]["prompt_tokens"]).split("-")[-1]), []
     for name, r in res["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            rows.append(harness.failed(r, name))
             continue
-        gen = r["gen_tokens_mean"]
-        split = r["split_median"]
-        # generation: 2N per prompt token (prefill) and per generated token; the packed update: prompt once per
-        # group + every completion token, 6N each (forward + backward)
-        gen_flops = 2 * n_params * (bs * prompt_len + gen)
+        gen, split, it = r["gen_tokens_mean"], r["split_median"], r["median_s"]
         upd_tokens = bs // g * prompt_len + gen
-        upd_flops = 6 * n_params * upd_tokens
-        it = r["median_s"]
-        lines.append(f"| {name} | {it:.2f} | {bs / it:.1f} | {gen / split['generation']:.0f} | "
-                     f"{upd_tokens / split['update']:.0f} | "
-                     f"{100 * upd_flops / split['update'] / (peak_tflops * 1e12):.1f}% | "
-                     f"{100 * (gen_flops + upd_flops) / it / (peak_tflops * 1e12):.1f}% | "
-                     + " / ".join(f"{split[k]:.2f}" for k in ("generation", "scoring", "logprobs", "update")) + " |")
-    return lines
+        gen_flops, upd_flops = 2 * n_params * (bs * prompt_len + gen), 6 * n_params * upd_tokens
+        rows.append([name, f"{it:.2f}", f"{bs / it:.1f}", f"{gen / split['generation']:.0f}",
+                     f"{upd_tokens / split['update']:.0f}",
+                     f"{100 * upd_flops / split['update'] / peak_tflops / 1e12:.1f}%",
+                     f"{100 * (gen_flops + upd_flops) / it / peak_tflops / 1e12:.1f}%",
+                     " / ".join(f"{split[k]:.2f}" for k in harness.SPLIT_KEYS)])
+    return harness.table(["run", "s/iteration", "episodes/s", "generated tokens/s", "update tokens/s", "update MFU",
+                          "iteration MFU", "generation / scoring / log-probs / update s"], rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model directory (weights optional, see above)")
-    p.add_argument("--data", default="../shared/data/hh_harmless_test.jsonl", help="preference rows for bench_dpo")
+    p.add_argument("--data", default=harness.HH_DATA, help="preference rows for bench_dpo")
     p.add_argument("--out", required=True, help="where gpu_check.md, the tables and logs.tar.gz go")
-    p.add_argument("--dpo-batch-size", type=int, default=16)
-    p.add_argument("--dpo-max-length", type=int, default=512)
-    p.add_argument("--grpo-batch-size", type=int, default=256, help="episodes per iteration")
-    p.add_argument("--grpo-max-new-tokens", type=int, default=128)
     p.add_argument("--parts", default="smoke,dpo,grpo,tests", help="comma-separated")
-    p.add_argument("--smoke-timeout", type=int, default=150)
-    p.add_argument("--bench-timeout", type=int, default=200, help="seconds per benchmark (the run stays < 10 min)")
-    p.add_argument("--test-timeout", type=int, default=100)
     a = p.parse_args()
-    out = Path(a.out)
+    out, work, parts = Path(a.out), Path(tempfile.mkdtemp(prefix="gpu_check_")), a.parts.split(",")
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # checkpoints and exports: none of it comes back
-    parts = a.parts.split(",")
-    sys.path.insert(0, str(REPO))
     import torch
     import transformers
     cuda = torch.cuda.is_available()
-    name = torch.cuda.get_device_name(0) if cuda else "no GPU (CPU run)"
     model, random_weights = with_weights(Path(a.model), work)
     n_params, n_total = harness.non_embedding_params(model)
-    # best bf16 TFLOP/s of a square torch.mm loop (4096 and 8192) on this device
-    peak = harness.matmul_peak(dtypes=("bf16",), reps=10)["bf16"] / 1e3 if cuda else float("nan")
-    L = [f"# The CUDA path on {name}\n",
-         f"- torch {torch.__version__}, transformers {transformers.__version__}, CUDA {torch.version.cuda}; "
-         f"bf16 torch.mm peak measured in this run: {peak:.0f} TFLOP/s",
+    peak = harness.matmul_peak(dtypes=("bf16",), reps=10)["bf16"] / 1e3 if cuda else float("nan")  # TFLOP/s
+    L = [f"# The CUDA path on {torch.cuda.get_device_name(0) if cuda else 'no GPU (CPU run)'}\n",
+         f"- torch {torch.__version__}, transformers {transformers.__version__}, CUDA {torch.version.cuda}; bf16 "
+         f"torch.mm peak measured in this run: {peak:.0f} TFLOP/s",
          f"- model: `{a.model}` ({n_total / 1e6:.0f}M parameters, N = {n_params / 1e6:.1f}M without the input "
          f"embedding){', random weights of its shape (no weights on this node)' if random_weights else ''}\n"]
     print("\n".join(L), flush=True)
@@ -143,63 +119,48 @@ def main() -> None:
                 if f.stat().st_size < 5_000_000:
                     t.add(f, arcname=str(f.relative_to(work)))
 
+    def bench(name: str, flags: list[str]) -> bool:
+        rc, wall = sh([sys.executable, f"benchmarks/bench_{name}.py", "--model", model, *flags, "--output",
+                       str(out / f"results_{name}_gpu.md"), "--workdir", str(work / f"bench_{name}")],
+                      work / f"bench_{name}.log", TIMEOUT["bench"])
+        L.append(f"## {name.upper()} benchmark: exit {rc}, {wall:.0f} s; table in results_{name}_gpu.md\n")
+        return (out / f"results_{name}_gpu.md").exists()
+
     if "smoke" in parts:
         with ThreadPoolExecutor(len(SCRIPTS)) as pool:
-            chains = list(pool.map(lambda s: smoke_chain(s, model, work, a.smoke_timeout), SCRIPTS))
+            chains = list(pool.map(lambda s: smoke_chain(s, model, work), SCRIPTS))
+        fin = lambda x: "-" if x is None else f"{x:.4g}"
+        ok = lambda r: r["rc"] == 0 and r["grad_norm"] is not None and math.isfinite(r["grad_norm"])
         L += ["## Every script on CUDA, bf16, 4 steps on the built-in task (all run at once on the one GPU)\n",
               "eval = held-out greedy accuracy (reward.py: held-out pair accuracy) at the start and the end; dpo.py "
               "fsdp-resume continues the fsdp run from its step-4 checkpoint to step 6.\n",
-              "| script | mode | exit | wall s | last step | loss (grpo: reward) | grad norm | eval before -> after "
-              "| final/ |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in (r for c in chains for r in c):
-            fin = lambda x: "-" if x is None else f"{x:.4g}"
-            ok = r["rc"] == 0 and r["grad_norm"] is not None and math.isfinite(r["grad_norm"])
-            L.append(f"| {r['script']}.py | {r['mode']} | {r['rc']}{'' if ok else ' FAIL'} | {r['wall_s']:.0f} | "
-                     f"{r['last_step']} | {fin(r['loss'])} | {fin(r['grad_norm'])} | "
-                     f"{' -> '.join(f'{x:.3f}' for x in r['eval']) or '-'} | {'yes' if r['final'] else 'no'} |")
-            if r["tail"]:
-                print(f"--- {r['script']} {r['mode']} failed:\n{r['tail']}", flush=True)
-        L.append("")
-        print("\n".join(L[-12:]), flush=True)
+              *harness.table(["script", "mode", "exit", "wall s", "last step", "loss (grpo: reward)", "grad norm",
+                              "eval before -> after", "final/"], [
+                  [f"{r['script']}.py", r["mode"], f"{r['rc']}{'' if ok(r) else ' FAIL'}", f"{r['wall_s']:.0f}",
+                   r["last_step"], fin(r["loss"]), fin(r["grad_norm"]),
+                   " -> ".join(f"{x:.3f}" for x in r["eval"]) or "-", "yes" if r["final"] else "no"]
+                  for c in chains for r in c]), ""]
+        for r in (r for c in chains for r in c if r["tail"]):
+            print(f"--- {r['script']} {r['mode']} failed:\n{r['tail']}", flush=True)
         save()
-
-    if "dpo" in parts:
-        rc, wall = sh([sys.executable, "benchmarks/bench_dpo.py", "--model", model, "--data", a.data,
-                       "--configs", "ours-bf16,ours-bf16-pre,ours-fp32-pre", "--batch-size", str(a.dpo_batch_size),
-                       "--max-length", str(a.dpo_max_length), "--warmup-steps", "3", "--timed-steps", "8",
-                       "--output", str(out / "results_dpo_gpu.md"), "--workdir", str(work / "bench_dpo")],
-                      work / "bench_dpo.log", a.bench_timeout)
-        L.append(f"## DPO benchmark: exit {rc}, {wall:.0f} s; table in results_dpo_gpu.md\n")
-        if (out / "results_dpo_gpu.md").exists():
-            table = (out / "results_dpo_gpu.md").read_text().split("\n\n| ")[1]  # the first table
-            L += ["| " + table.split("\n\n")[0], ""]
-        save()
-
-    if "grpo" in parts:
-        rc, wall = sh([sys.executable, "benchmarks/bench_grpo.py", "--model", model, "--configs", "ours",
-                       "--batch-size", str(a.grpo_batch_size), "--num-generations", "8", "--max-new-tokens",
-                       str(a.grpo_max_new_tokens), "--warmup-steps", "1", "--timed-steps", "3",
-                       "--output", str(out / "results_grpo_gpu.md"), "--workdir", str(work / "bench_grpo")],
-                      work / "bench_grpo.log", a.bench_timeout)
-        L.append(f"## GRPO benchmark: exit {rc}, {wall:.0f} s; table in results_grpo_gpu.md\n")
-        if (work / "bench_grpo" / "results.json").exists():
-            L += [f"{a.grpo_batch_size} episodes per iteration ({a.grpo_batch_size // 8} prompts x 8), at most "
-                  f"{a.grpo_max_new_tokens} new tokens. Update MFU = 6N x (prompt once per group + completion "
-                  f"tokens) / update s; iteration MFU adds generation at 2N per prompt and generated token, over "
-                  f"the whole iteration. Attention FLOPs are not counted.\n",
-                  "| run | s/iteration | episodes/s | generated tokens/s | update tokens/s | update MFU | "
-                  "iteration MFU | generation / scoring / log-probs / update s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-            L += grpo_mfu(work / "bench_grpo", n_params, peak) + [""]
-        save()
-
+    if "dpo" in parts and bench("dpo", ["--data", a.data, "--configs", "ours-bf16,ours-bf16-pre,ours-fp32-pre",
+                                        "--batch-size", str(DPO["batch"]), "--max-length", str(DPO["max_length"]),
+                                        "--warmup-steps", "3", "--timed-steps", "8"]):
+        L += ["| " + (out / "results_dpo_gpu.md").read_text().split("\n\n| ")[1].split("\n\n")[0], ""]  # 1st table
+    save()
+    if "grpo" in parts and bench("grpo", ["--configs", "ours", "--batch-size", str(GRPO["episodes"]),
+                                          "--num-generations", "8", "--max-new-tokens", str(GRPO["max_new_tokens"]),
+                                          "--warmup-steps", "1", "--timed-steps", "3"]):
+        L += [f"{GRPO['episodes']} episodes per iteration, at most {GRPO['max_new_tokens']} new tokens. Update MFU = "
+              f"6N x (prompt once per group + completion tokens) / update s; iteration MFU adds generation at 2N per "
+              f"prompt and generated token, over the whole iteration.\n", *grpo_mfu(work / "bench_grpo", n_params,
+                                                                                   peak), ""]
+    save()
     if "tests" in parts:
         rc, wall = sh([sys.executable, "-m", "pytest", "tests", "-m", "not slow", "-q", "-x", "-p", "no:cacheprovider"],
-                      work / "pytest.log", a.test_timeout)
+                      work / "pytest.log", TIMEOUT["tests"])
         tail = (work / "pytest.log").read_text().strip().splitlines()[-1:]
         L.append(f"## `pytest tests -m 'not slow'` on this node: exit {rc}, {wall:.0f} s: {' '.join(tail)}\n")
-
     save()
     print("\n".join(L), flush=True)
     shutil.rmtree(work, ignore_errors=True)

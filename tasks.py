@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from plumbing.data import read_rows, train_eval_rows
 from plumbing.run import UserError
-from rollout import Env, evaluate_replies, load_reward_fn, prompt_examples
+from rollout import Env, episode_metrics, evaluate_replies, load_reward_fn, prompt_examples
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def greedy_eval(trainer, max_new_tokens: int = 8) -> dict[str, float]:
     def verified(ro) -> dict:
         replies.extend(f"{e['source'].split(':')[1]} -> {t.strip()!r}" for e, t in zip(ro.examples, ro.transcripts or
                                                                                           ro.texts))
-        return accuracy(task, ro)
+        return accuracy(task, ro) | episode_metrics(ro)
     tool = TASKS[task].tool and getattr(trainer, "env", None) is None
     if tool:  # an offline script on the tool task: its eval runs the task's episodes
         trainer.env, max_new_tokens = Env("tasks:CalculatorEnv", CalculatorEnv), TOOL_TURN_TOKENS

@@ -35,12 +35,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -51,8 +49,8 @@ from plumbing import checkpoint, speed
 from plumbing.data import ShardedSampler, rank_batches
 from plumbing.metrics import MetricWindow, RunLog
 from plumbing.models import BUNDLED_MODEL, adapters_disabled, end_of_turn_ids, frozen, load_tokenizer
-from plumbing.run import (UserError, any_rank_signalled, catch_preemption, ceil_div, print0, progress,
-                          seed_everything, setup_distributed)
+from plumbing.run import (NonFiniteUpdates, UserError, all_ranks, any_rank_signalled, catch_preemption, ceil_div,
+                          print0, progress, seed_everything, setup_distributed)
 from plumbing.sharding import no_sync, place_models
 
 # The helpers the scripts import besides the contract, each documented where it is defined:
@@ -177,10 +175,11 @@ class BaseTrainer(ABC):
                                       args.seed)
         self.optimizer = self.build_optimizer()
         self.scheduler = self.build_scheduler()
-        self.global_step = self.skipped_updates = 0
+        self.global_step, self.nonfinite = 0, NonFiniteUpdates(args.skip_nonfinite_steps)
         self.run_log = RunLog(self.output_dir, self.dist.is_main)
         # inputs validated: only now is anything written (the directory, its lock and run.json)
-        self.lock = checkpoint.open_run_dir(self.output_dir, self.run_record(), args.resume, self.dist.is_main)
+        record = checkpoint.run_record(args, self.script_name, self.state_flags)  # what a resume must share
+        self.lock = checkpoint.open_run_dir(self.output_dir, record, args.resume, self.dist.is_main)
         if args.resume:
             try:
                 self.load_checkpoint()
@@ -218,17 +217,6 @@ class BaseTrainer(ABC):
         """The HF model inside self.model: exported to output_dir/final (PPO: the policy without its critic)."""
         return self.model
 
-    def run_record(self) -> dict:
-        """What this run was started with that a resume must share (output_dir/run.json): the script, the model,
-        LoRA, and the script's `state_flags` (world-size-independent flags that change the saved state's shape)."""
-        a = self.args
-        lora = {"lora_r": a.lora_r, "lora_alpha": (a.lora_alpha or 2 * a.lora_r) if a.lora_r else None,
-                "lora_target_modules": sorted(a.lora_target_modules or ["all-linear"]) if a.lora_r else None}
-        model = Path(a.model).expanduser()
-        model = str(model.resolve()) if a.model != BUNDLED_MODEL and model.exists() else a.model
-        flags = {name: getattr(a, name) for name in self.state_flags}
-        return json.loads(json.dumps({"script": self.script_name, "model": model} | lora | flags, default=str))
-
     # --- frozen models: the reference policy, and others (a teacher, a reward model) -------------------------------
     def freeze(self, model: nn.Module) -> nn.Module:
         """Register a model that never trains (call in build_model): placed, sharded and counted in the memory plan
@@ -262,13 +250,8 @@ class BaseTrainer(ABC):
                 with self.autocast(), self.reference() as ref:
                     out = score(ref, self.make_batch([data[i] for i in mine]).to(self.device)).float().cpu()
                 found |= {i: out[j] for j, i in enumerate(mine[:n_real])}
-            shares = [found]
-            if world > 1:
-                shares = [None] * world
-                dist.all_gather_object(shares, found)
-            for share in shares:
-                for i, value in share.items():
-                    data[i][key] = value
+            for i, value in all_ranks(found).items():
+                data[i][key] = value
         self.frozen = [m for m in self.frozen if m is not self.ref_model]
         self.ref_model = None
 
@@ -307,15 +290,8 @@ class BaseTrainer(ABC):
                 return StepOutput({}, 0)
             scale = self.dist.world_size / count.item()
         grad_norm = self.clip_gradients(scale)
-        # the norm of synced gradients is the same on every rank: all ranks skip or stop together, before the update
-        if not torch.isfinite(grad_norm):
-            self.skipped_updates += 1
-            where = f"at step {self.global_step + 1} (rows {[r for b in micro_batches for r in b.sources][:8]})"
-            if self.skipped_updates > self.args.skip_nonfinite_steps:
-                raise UserError(f"non-finite loss or gradient norm {where}; nothing was updated, the last checkpoint "
-                                f"is intact (--skip-nonfinite-steps tolerates a few)")
-            print0(f"warning: non-finite loss or gradient norm {where}: update skipped "
-                   f"({self.skipped_updates}/{self.args.skip_nonfinite_steps})")
+        # the norm of synced gradients is the same on every rank: all ranks skip (or stop) together, before the update
+        if self.nonfinite.skip(grad_norm, self.global_step + 1, [r for b in micro_batches for r in b.sources]):
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput({}, 0)
         self.optimizer.step()
@@ -326,15 +302,7 @@ class BaseTrainer(ABC):
     def clip_gradients(self, scale: float = 1.0) -> torch.Tensor:
         """Scale the synced gradients by `scale` (a Mean loss's 1 / its count), then clip them to --max-grad-norm;
         -> their total norm before clipping."""
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        if self.optimizer.defaults.get("fused") and not self.fsdp:
-            return speed.clip_in_fused_adamw(self.model, self.optimizer, max_norm, scale)
-        if scale != 1.0:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        return speed.scale_and_clip(self.model, self.optimizer, self.args.max_grad_norm, scale, self.fsdp)
 
     # --- eval, logging, the loop ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -372,11 +340,7 @@ class BaseTrainer(ABC):
             print0(f"{signalled[0] or 'a signal on another rank'}: stopped {where}; relaunch the same command with "
                    f"--resume to continue")
             return
-        summary = [f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in self.summary_keys
-                   if first and last and k in first and k in last]
-        if summary:
-            print0("eval before -> after: " + ", ".join(summary))
-        self.run_log.finish()
+        self.run_log.finish(first, last, self.summary_keys)
 
     def _train(self, signalled: list) -> tuple[bool, dict | None, dict | None]:
         a, first, last, window = self.args, None, None, MetricWindow()
@@ -414,16 +378,14 @@ class BaseTrainer(ABC):
         return True, first, last
 
     def _log_train(self, window: MetricWindow) -> None:
-        metrics = window.reduce(self.device)
-        if "samples_per_s" in metrics:
-            metrics[self.samples_per_s_key] = metrics.pop("samples_per_s")
+        metrics = window.reduce(self.device, samples_per_s=self.samples_per_s_key)
         self.log(metrics | {"lr": self.scheduler.get_last_lr()[0]}, "train")
 
     # --- checkpoints, export, and the rest of the plumbing (plumbing/) ----------------------------------------------
     def save_checkpoint(self) -> None:
         state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                  "world_size": self.dist.world_size, "wandb_id": self.run_log.wandb_id,
-                 "skipped_steps": self.skipped_updates, "args": dataclasses.asdict(self.args)}
+                 "skipped_steps": self.nonfinite.skipped, "args": dataclasses.asdict(self.args)}
         checkpoint.save(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
                         self.args.keep_checkpoints, trainable_only=bool(self.args.lora_r))
 
@@ -432,7 +394,7 @@ class BaseTrainer(ABC):
                                   trainable_only=bool(self.args.lora_r))
         if state is not None:
             self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
-            self.run_log.wandb_id, self.skipped_updates = state.get("wandb_id"), state.get("skipped_steps", 0)
+            self.run_log.wandb_id, self.nonfinite.skipped = state.get("wandb_id"), state.get("skipped_steps", 0)
 
     def export(self) -> None:
         """The final model in HF format: AutoModelForCausalLM.from_pretrained(output_dir/final) (checkpoint.export)."""

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from plumbing.models import quiet_peft
+from plumbing.models import BUNDLED_MODEL, quiet_peft
 from plumbing.run import UserError, agree_on_error, barrier, first_error, is_main, os_error, print0
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,6 +194,17 @@ def resolve_output_dir(output_dir: str | None, script: str, resume: bool) -> Pat
         raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
                         f"another --output-dir (nothing was overwritten)")
     return out
+
+
+def run_record(args, script: str, state_flags: tuple[str, ...] = ()) -> dict:
+    """What a run was started with that a resume must share (output_dir/run.json): the script, the model, LoRA, and
+    the script's `state_flags` (world-size-independent flags that change the saved state's shape)."""
+    lora = {"lora_r": args.lora_r, "lora_alpha": (args.lora_alpha or 2 * args.lora_r) if args.lora_r else None,
+            "lora_target_modules": sorted(args.lora_target_modules or ["all-linear"]) if args.lora_r else None}
+    model = Path(args.model).expanduser()
+    model = str(model.resolve()) if args.model != BUNDLED_MODEL and model.exists() else args.model
+    flags = {name: getattr(args, name) for name in state_flags}
+    return json.loads(json.dumps({"script": script, "model": model} | lora | flags, default=str))
 
 
 def open_run_dir(out: Path, record: dict, resume: bool, is_main: bool):

@@ -36,7 +36,7 @@ class MetricWindow:
         """This window's metrics as (total, count), to be added to another window exactly."""
         return {k: (self.totals[k], self.counts[k]) for k in self.totals}
 
-    def reduce(self, device, rates: bool = True) -> dict[str, float]:
+    def reduce(self, device, rates: bool = True, samples_per_s: str = "samples_per_s") -> dict[str, float]:
         keys = sorted(self.totals)
         values = [self.totals[k] for k in keys] + [self.counts[k] for k in keys] + [self.samples, self.tokens]
         vec = torch.tensor(values, dtype=torch.float64, device=device)
@@ -47,7 +47,7 @@ class MetricWindow:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         if rates and vec[-1] > 0:  # throughput is summed over ranks
             out["tokens_per_s"] = vec[-1].item() / elapsed
-            out["samples_per_s"] = vec[-2].item() / elapsed
+            out[samples_per_s] = vec[-2].item() / elapsed
         return out
 
 
@@ -75,7 +75,11 @@ class RunLog:
             self.bar.close()  # ends the bar's line, so an error message starts on its own
             self.bar = None
 
-    def finish(self) -> None:
+    def finish(self, first: dict | None, last: dict | None, keys: tuple[str, ...]) -> None:
+        """The end of a run: the eval metrics `keys` as "before -> after", and the wandb run closed."""
+        summary = [f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys if first and last and k in first and k in last]
+        if summary:
+            print0("eval before -> after: " + ", ".join(summary))
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -85,6 +85,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def all_ranks(share: dict) -> dict:
+    """Every rank's dict merged (each rank contributes its own keys)."""
+    if not dist.is_initialized():
+        return share
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, share)
+    return {k: v for s in shares for k, v in s.items()}
+
+
 def first_error(error: str) -> str:
     """Ranks that may fail differently (their own rows, their own disk) agree: the first rank's error, or ''."""
     errors = [error]
@@ -98,6 +107,25 @@ def agree_on_error(error: str) -> None:
     """Every rank raises the first rank's error, so none waits forever in a collective and rank 0 can say why."""
     if error := first_error(error):
         raise UserError(error)
+
+
+class NonFiniteUpdates:
+    """--skip-nonfinite-steps: an update whose (synced) gradient norm is not finite is skipped, said, counted; one more
+    than allowed stops the run with one line naming the step and its rows."""
+
+    def __init__(self, allowed: int):
+        self.allowed, self.skipped = allowed, 0
+
+    def skip(self, grad_norm: torch.Tensor, step: int, sources: list[str]) -> bool:
+        if torch.isfinite(grad_norm):
+            return False
+        self.skipped += 1
+        where = f"at step {step} (rows {sources[:8]})"
+        if self.skipped > self.allowed:
+            raise UserError(f"non-finite loss or gradient norm {where}; nothing was updated, the last checkpoint is "
+                            f"intact (--skip-nonfinite-steps tolerates a few)")
+        print0(f"warning: non-finite loss or gradient norm {where}: update skipped ({self.skipped}/{self.allowed})")
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------

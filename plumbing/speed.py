@@ -9,6 +9,22 @@ import torch
 from torch import nn
 
 
+def scale_and_clip(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, scale: float,
+                   fsdp: bool) -> torch.Tensor:
+    """Scale the synced gradients by `scale`, then clip them to max_grad_norm (0: no clipping); -> the norm of the
+    scaled gradients. With fused AdamW (not under FSDP) both ride in its grad_scale (clip_in_fused_adamw), else the
+    plain path: a pass over the gradients, then clip_grad_norm_."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if optimizer.defaults.get("fused") and not fsdp:
+        return clip_in_fused_adamw(model, optimizer, max_norm, scale)
+    if scale != 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+
+
 def clip_in_fused_adamw(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
                         scale: float = 1.0) -> torch.Tensor:
     """= scale the gradients by `scale`, then torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), without

@@ -83,7 +83,7 @@ def test_episodes_are_exact_token_in_token_out(name, tmp_path, monkeypatch, role
             k = j
         assert [m for m, _ in runs] == [1.0, 0.0] * (len(runs) // 2) + [1.0] * (len(runs) % 2)
         assert len([r for m, r in runs if m]) == ro.stats["turns"][i]
-        for (_, reply), (m, between) in zip(runs[::2], runs[1::2]):
+        for (_, reply), (_, between) in zip(runs[::2], runs[1::2]):
             assert reply in replies  # what the policy sampled, as it sampled it
             assert between == glue(f"ok {len(tok.decode(reply, skip_special_tokens=True))}")
     batch = rollout_batch(tr, ro, range(len(ro)))

@@ -193,7 +193,7 @@ def test_skip_nonfinite_steps_tolerates_a_few(tiny_model_dir, pairs_file, tmp_pa
     t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, total_steps=4, skip_nonfinite_steps=1))
     _poison_step_3(t)
     t.train()
-    assert t.global_step == 4 and t.skipped_updates == 1
+    assert t.global_step == 4 and t.nonfinite.skipped == 1
     assert "update skipped (1/1)" in capsys.readouterr().out
     steps = [m["step"] for m in read_metrics(tmp_path) if "train/loss" in m]
     assert steps == [1, 2, 4]  # the skipped step logs nothing (log_every 1, its window is empty)

@@ -1,7 +1,7 @@
 """The newer methods against TRL's trainer for the same method: KTO (kto.py vs KTOTrainer), ORPO and SimPO (dpo.py
-vs ORPOTrainer / CPOTrainer), GKD (distill.py vs GKDTrainer, lmbda 0 and 1) and GSPO (grpo.py vs GRPOTrainer). Each
-configuration trains in a fresh process (this file with --worker; GSPO: harness's GRPO workers). Commands, and what is
-held equal: benchmarks/README.md.
+vs ORPOTrainer / CPOTrainer), GKD (distill.py vs GKDTrainer, lmbda 0 and 1), GSPO (grpo.py vs GRPOTrainer) and online
+DPO (online_dpo.py vs OnlineDPOTrainer). Each configuration trains in a fresh process (this file with --worker; GSPO:
+harness's GRPO workers). Commands, and what is held equal: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ METHODS = {
                  ours={"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4},
                  trl={"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
                       "loss_type": "dapo", "beta": 0.0}),
+    # online DPO: 2 samples of each built-in arithmetic prompt, judged by tasks.reward; a step is one iteration
+    "odpo": dict(label="Online DPO", ours={"beta": 0.1, "loss_type": "sigmoid"},
+                 trl={"beta": 0.1, "loss_type": "sigmoid"}),
 }
 CONFIGS = {f"{m}-{suffix}": dict(side=side, method=m, label=f"{d['label']}: {what}", trl_kwargs=kw)
            for m, d in METHODS.items() for suffix, side, what, kw in (
@@ -48,7 +51,19 @@ def worker_ours(spec: dict) -> dict:
     import distill
     import dpo
     import kto
+    import online_dpo
     method, n_steps = spec["method"], spec["warmup_steps"] + spec["timed_steps"]
+    if method == "odpo":  # the sampler hands out indices into the built-in prompts, per step
+        args = online_dpo.Args(
+            model=spec["model"], dataset="arithmetic", output_dir=spec["output_dir"], total_steps=n_steps,
+            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+            precision="bf16", learning_rate=1e-6, warmup_steps=0, seed=1, log_every=10 ** 9, eval_every=0,
+            **METHODS[method]["ours"])
+        trainer, outs, report = harness.time_ours(online_dpo.OnlineDPOTrainer, args, spec["num_task_prompts"],
+                                                  harness.ListSampler(spec["ours_steps"]), n_steps)
+        return report | {"tokens": [o.num_tokens for o in outs], "gen_s": [o.metrics["time/generation"] for o in outs],
+                         "prompts": [[trainer.train_data[j]["prompt"][-1]["content"] for j in step]
+                                     for step in spec["ours_steps"]]}
     flags = dict(model=spec["model"], dataset=spec["rows"], eval_dataset=spec["eval_rows"],
                  output_dir=spec["output_dir"], total_steps=n_steps, batch_size=spec["batch_size"],
                  max_length=spec["max_length"], max_prompt_length=spec["max_length"], precision="bf16",
@@ -91,6 +106,7 @@ def worker_trl(spec: dict) -> dict:
     if spec["method"] == "gspo":
         return harness.worker_trl_grpo(spec)
     import torch
+    repo_on_path()
 
     method, n_steps = spec["method"], spec["warmup_steps"] + spec["timed_steps"]
     kw = dict(per_device_train_batch_size=spec["batch_size"], max_steps=n_steps, max_length=spec["max_length"],
@@ -106,15 +122,36 @@ def worker_trl(spec: dict) -> dict:
     elif method == "simpo":
         from trl.experimental.cpo import CPOConfig as Config
         from trl.experimental.cpo import CPOTrainer as Trainer
+    elif method == "odpo":
+        from trl.experimental.online_dpo import OnlineDPOConfig as Config
+        from trl.experimental.online_dpo import OnlineDPOTrainer as Trainer
+
+        from tasks import reward  # the function ours judges with; TRL passes chat completions
+
+        def arithmetic(prompts, completions, answer, **_):
+            return reward(prompts, [c[-1]["content"] for c in completions], answer)
+        kw |= {"max_new_tokens": spec["max_new_tokens"], "temperature": spec["temperature"]}
+        extra = {"reward_funcs": arithmetic}
     else:
         from trl.experimental.gkd import GKDConfig as Config
         from trl.experimental.gkd import GKDTrainer as Trainer
         kw, extra = kw | {"max_new_tokens": spec["max_new_tokens"]}, {"teacher_model": spec["model"]}
-    state = {"tokens": [], "loss_tokens": [], "gen_s": []}
+    state = {"tokens": [], "loss_tokens": [], "gen_s": [], "prompts": []}
 
     class Timed(Trainer):
+        def _generate(self, model, prompts, *a):  # online DPO's sampling: B prompts -> 2B sequences [prompt, mask, ..]
+            t = time.perf_counter()
+            out = super()._generate(model, prompts, *a)
+            harness.sync(torch)
+            state["gen_s"].append(time.perf_counter() - t)
+            state["tokens"].append(int(out[1].sum() + out[3].sum()))  # prompts and completions (EOS included)
+            state["prompts"].append([p[-1]["content"] for p in prompts])
+            return out
+
         def training_step(self, model, inputs, *a, **k):
             out = super().training_step(model, inputs, *a, **k)  # GKD swaps in the sampled sequences first
+            if method == "odpo":
+                return out
             state["tokens"].append(int(sum(v.sum() for name, v in inputs.items()
                                            if name.endswith("attention_mask") and not name.startswith("prompt"))))
             if "labels" in inputs:
@@ -137,7 +174,8 @@ def worker_trl(spec: dict) -> dict:
     if method.startswith("gkd"):
         report["notes"].append(f"teacher weights {next(trainer.teacher_model.parameters()).dtype}")
     return report | {"tokens": state["tokens"], "loss_tokens": state["loss_tokens"] or None,
-                     "gen_s": state["gen_s"] if method == "gkd-on" else None, "learning_rate": config.learning_rate}
+                     "gen_s": state["gen_s"] if method in ("gkd-on", "odpo") else None, "prompts": state["prompts"],
+                     "learning_rate": config.learning_rate}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,20 +222,21 @@ def summarize(res: dict, warmup: int, batch_size: int) -> dict:
 
 def render(results: dict, order: list[str], meta: dict) -> str:
     w, bs, ml, new = meta["warmup_steps"], meta["batch_size"], meta["max_length"], meta["max_new_tokens"]
-    L = [f"# New methods vs TRL {meta.get('trl_version', '?')}: KTO, ORPO, SimPO, GKD, GSPO; same model, rows, "
-         f"batch, lengths and precision\n",
+    L = [f"# New methods vs TRL {meta.get('trl_version', '?')}: KTO, ORPO, SimPO, GKD, GSPO, online DPO; same model, "
+         f"rows, batch, lengths and precision\n",
          f"- model {meta['model']} for every side and role, fp32 master weights, bf16 autocast, lr 1e-6; rows: the "
          f"first {meta['num_pairs']} pairs of `{meta['data']}` that no side truncates ({meta['skipped']} skipped), in "
          f"order; {bs} sequences per step (KTO rows, ORPO/SimPO {bs // 2} pairs, GKD rows), max length {ml}, GKD at "
-         f"most {new} new tokens, GSPO {meta['gspo_iterations']} updates per generation (what is held equal: "
-         f"benchmarks/README.md)",
+         f"most {new} new tokens, GSPO {meta['gspo_iterations']} updates per generation; online DPO {bs} built-in "
+         f"arithmetic prompts x 2 samples per step, at most 8 new tokens (what is held equal: benchmarks/README.md)",
          f"- torch threads per worker: {sorted({results[k]['threads'] for k in order if 'error' not in results[k]})} "
          f"(`--threads` sets OMP_NUM_THREADS)", *harness.header_lines(meta, "optimizer steps (GSPO: iterations)")]
     stat = lambda xs, f: f(xs[w:]) if xs else None
     fmt = lambda x, spec: "-" if x is None else f"{x:{spec}}"
     L += harness.table(
         ["configuration", "s/step (median [min-max])", "tokens/step", "ours computed", "GKD loss tokens/step",
-         "sampling s/step (GKD on-policy)", "peak RSS train GB", "peak RSS process GB", "load before -> after"],
+         "sampling s/step (GKD on-policy, online DPO)", "peak RSS train GB", "peak RSS process GB",
+         "load before -> after"],
         [harness.failed(r, CONFIGS[k]["label"]) if "error" in r else
          [CONFIGS[k]["label"], harness.med_range(r), f"{r['gen_tokens_mean']:.0f} generated" if "gen_tokens_mean" in r
           else fmt(r["tokens_mean"], ".0f"), fmt(stat(r.get("computed_tokens"), statistics.mean), ".0f"),
@@ -217,7 +256,8 @@ def render(results: dict, order: list[str], meta: dict) -> str:
         if harness.finished(results, o := f"{m}-ours", t):
             ro, rt, key = results[o], results[t], "iter_s" if m == "gspo" else "step_s"
             r = ro["median_s"] / rt["median_s"]
-            same = ("prompts " + ("identical" if ro["prompts"] == rt["prompts"] else "DIFFER") if m == "gspo" else
+            same = ("prompts " + ("identical" if ro["prompts"] == rt["prompts"] else "DIFFER") + (
+                "; sampled" if m == "odpo" else "") if m in ("gspo", "odpo") else
                     "sampled (lengths differ)" if m == "gkd-on" else
                     "yes" if ro["tokens"] == rt["tokens"] else f"no ({ro['tokens']} vs {rt['tokens']})")
             rows.append([METHODS[m]["label"], CONFIGS[t]["label"].split(": ", 1)[1], f"{ro['median_s']:.2f}",
@@ -233,7 +273,7 @@ def main() -> None:
     p = harness.bench_parser(__doc__, output="results_family.md", configs=CONFIGS, default_order=DEFAULT_ORDER,
                              warmup=1, timed=3, timeout=900, data=True)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step: KTO rows, 2 x ORPO/SimPO pairs, "
-                   "GKD rows")
+                   "GKD rows; online DPO: prompts (pairs)")
     p.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens")
     p.add_argument("--max-new-tokens", type=int, default=16, help="GKD on-policy: sampled tokens per row, at most")
     p.add_argument("--gspo-iterations", type=int, default=2, help="GSPO: optimizer steps per generation")
@@ -255,21 +295,23 @@ def main() -> None:
     print(f"work dir {work}; {len(pairs)} pairs ({skipped} skipped); load {meta['load_start']}", flush=True)
     base = {k: meta[k] for k in ("model", "max_length", "max_new_tokens", "warmup_steps", "timed_steps")}
     files = {}
-    for m in (m for m in METHODS if m != "gspo"):  # ORPO/SimPO: bs/2 pairs per step; KTO: bs/2 pairs unpaired; GKD: bs
+    for m in (m for m in METHODS if m not in ("gspo", "odpo")):  # ORPO/SimPO: bs/2 pairs; KTO: bs/2 unpaired; GKD: bs
         n = (a.batch_size if m.startswith("gkd") else a.batch_size // 2) * n_steps
         ours, trl, ev = method_rows(m, pairs[:n], a.batch_size)
         files[m] = {"ours": harness.write_jsonl(work / f"{m}.ours.jsonl", ours),
                     "trl": harness.write_jsonl(work / f"{m}.trl.jsonl", trl),
                     "eval_rows": harness.write_jsonl(work / f"{m}.eval.jsonl", ev), "num_rows": len(ours),
                     "batch_size": a.batch_size // 2 if m in ("orpo", "simpo") else a.batch_size}
-    gspo = harness.grpo_prompts(work, n_steps, 32, 8)[0] | {"num_iterations": a.gspo_iterations, "max_new_tokens": 8,
-                                                             "temperature": 0.7}
+    online = {"gspo": harness.grpo_prompts(work, n_steps, 32, 8)[0] | {"num_iterations": a.gspo_iterations},
+              "odpo": harness.grpo_prompts(work, n_steps, a.batch_size, 1, name="odpo_prompts")[0]}
 
     def spec_of(name: str, cfg: dict) -> dict:
         m, side = cfg["method"], cfg["side"]
-        if m == "gspo":
-            return base | gspo | {"method": m, "ours_kwargs": METHODS[m]["ours"],
-                                  "trl_kwargs": METHODS[m]["trl"] | cfg["trl_kwargs"] if side == "trl" else {}}
+        if m in online:  # the arithmetic prompts, at most 8 new tokens at temperature 0.7 (as bench_grpo)
+            trl = METHODS[m]["trl"] if m == "gspo" and side == "trl" else {}  # odpo: worker_trl adds them
+            return base | online[m] | {"method": m, "max_new_tokens": 8, "temperature": 0.7,
+                                       "rows": online[m]["prompts"], "num_rows": online[m]["num_prompts"],
+                                       "ours_kwargs": METHODS[m]["ours"], "trl_kwargs": trl | cfg["trl_kwargs"]}
         f = files[m]
         return base | {"method": m, "rows": f[side], "eval_rows": f["eval_rows"], "num_rows": f["num_rows"],
                        "batch_size": f["batch_size"], "trl_kwargs": cfg["trl_kwargs"]}

@@ -230,16 +230,17 @@ def prompt_tokens(model_dir: str, rows: list[dict]) -> str:
     return f"{lengths[0]}" + (f"-{lengths[-1]}" if lengths[-1] != lengths[0] else "")
 
 
-def grpo_prompts(work: Path, n_steps: int, batch_size: int, g: int) -> tuple[dict, list[dict]]:
-    """The built-in arithmetic training prompts in their fixed order, batch_size / g per iteration (cycled): the spec
-    both GRPO workers read (TRL the file, ours the indices per iteration), and the rows."""
+def grpo_prompts(work: Path, n_steps: int, batch_size: int, g: int, task: str = "arithmetic",
+                 name: str = "grpo_prompts") -> tuple[dict, list[dict]]:
+    """A built-in task's training prompts in their fixed order, batch_size / g per iteration (cycled): the spec both
+    online workers read (TRL the file work/name.jsonl, ours the indices per iteration), and the rows."""
     repo_on_path()
     import tasks
-    task_rows = [row for _, row in tasks.prompt_rows("arithmetic", False)]
+    task_rows = [row for _, row in tasks.prompt_rows(task, False)]
     per_iter = batch_size // g
     rows = [task_rows[k % len(task_rows)] for k in range(per_iter * n_steps)]
     steps = [[(s * per_iter + j) % len(task_rows) for j in range(per_iter)] for s in range(n_steps)]
-    return {"prompts": write_jsonl(work / "grpo_prompts.jsonl", rows), "num_prompts": len(rows),
+    return {"prompts": write_jsonl(work / f"{name}.jsonl", rows), "num_prompts": len(rows), "dataset": task,
             "num_task_prompts": len(task_rows), "ours_steps": steps, "batch_size": batch_size,
             "num_generations": g}, rows
 
@@ -470,19 +471,20 @@ def time_trl(cls, spec: dict, config, state: dict, rows: list[dict], check_rows:
 
 
 def worker_ours_grpo(spec: dict) -> dict:
-    """Our grpo.py on the built-in arithmetic prompts, iteration s on prompts spec["ours_steps"][s]: per iteration
-    the seconds, the split (the step's own time/* metrics), the generated tokens and the episode prompts."""
+    """Our grpo.py on a built-in task's prompts (the tool task: its CalculatorEnv episodes), iteration s on prompts
+    spec["ours_steps"][s]: per iteration the seconds, the split (the step's own time/* metrics), the generated tokens
+    (sampled ones only), the episode prompts (the question) and on the tool task turns and tool calls per episode."""
     repo_on_path()
     import torch
 
     import grpo
     n_steps, g = spec["warmup_steps"] + spec["timed_steps"], spec["num_generations"]
     args = grpo.Args(**dict(
-        model=spec["model"], dataset="arithmetic", output_dir=spec["output_dir"], total_steps=n_steps,
-        batch_size=spec["batch_size"] // g, num_generations=g, max_new_tokens=spec["max_new_tokens"],
-        temperature=spec["temperature"], top_p=1.0, loss_type=grpo.LossType.dapo, beta=0.0,
-        num_iterations=spec["num_iterations"], gradient_accumulation_steps=1, precision="bf16", seed=1,
-        log_every=10 ** 9, eval_every=0) | spec["ours_kwargs"])
+        model=spec["model"], dataset=spec.get("dataset", "arithmetic"), output_dir=spec["output_dir"],
+        total_steps=n_steps, batch_size=spec["batch_size"] // g, num_generations=g,
+        max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0,
+        loss_type=grpo.LossType.dapo, beta=0.0, num_iterations=spec["num_iterations"], gradient_accumulation_steps=1,
+        precision="bf16", seed=1, log_every=10 ** 9, eval_every=0) | spec["ours_kwargs"])
     # the sampler hands out indices into the built-in prompts, per iteration
     trainer, outs, report = time_ours(grpo.GRPOTrainer, args, spec["num_task_prompts"],
                                       ListSampler(spec["ours_steps"]), n_steps)
@@ -494,32 +496,51 @@ def worker_ours_grpo(spec: dict) -> dict:
     return report | {  # grpo.py repeats each prompt G times, groups contiguous (as TRL)
         "prompts": [[trainer.train_data[j]["prompt"][-1]["content"] for j in step
                                                       for _ in range(g)] for step in spec["ours_steps"]],
-        "gen_tokens": [round(o.metrics["completions/mean_length"] * o.num_samples) for o in outs],
-        "split": {k: [o.metrics[f"time/{k}"] for o in outs] for k in SPLIT_KEYS},
-        "optimizer_steps_per_iter": args.num_iterations, "rewards": [o.metrics["reward"] for o in outs],
+        "gen_tokens": [round(float(o.metrics["completions/mean_length"]) * o.num_samples) for o in outs],
+        "split": {k: [float(o.metrics[f"time/{k}"]) for o in outs] for k in SPLIT_KEYS},
+        "optimizer_steps_per_iter": args.num_iterations, "rewards": [float(o.metrics["reward"]) for o in outs],
+        **{k: [float(o.metrics[f"{k}/mean"]) for o in outs] for k in ("turns", "tool_calls") if trainer.env},
         "learning_rate": args.learning_rate, "padding_free": args.padding_free, "precision": args.precision}
 
 
 def worker_trl_grpo(spec: dict) -> dict:
     """TRL's GRPOTrainer on the prompt file: per iteration (one generation round and the num_iterations optimizer
-    steps it feeds) the seconds, the split, the generated tokens and the episode prompts."""
+    steps it feeds) the seconds, the split, the generated tokens and the episode prompts. spec["max_turns"]: the tool
+    task with TRL's tool loop (tools=[calculator]), its turns and tool calls per episode too."""
     repo_on_path()
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from tasks import reward  # the very function ours scores with
+    from tasks import calculate, reward  # the very functions ours uses
 
-    def arithmetic(prompts, completions, answer, **_):  # chat completions: [{"role": "assistant", "content": text}]
-        return reward(prompts, [c[-1]["content"] if isinstance(c, list) else c for c in completions], answer)
+    def arithmetic(prompts, completions, answer, **_):  # chat completions: messages; the final reply's text is scored
+        return reward(prompts, [next((m.get("content") or "" for m in reversed(c) if m.get("role") == "assistant"), "")
+                                if isinstance(c, list) else c for c in completions], answer)
 
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: the expression, e.g. 12*34
+        """
+        return calculate(expression)
     n_steps, mu = spec["warmup_steps"] + spec["timed_steps"], spec.get("num_iterations", 2)
-    bs, g = spec["batch_size"], spec["num_generations"]
+    bs, g, turns, rows = spec["batch_size"], spec["num_generations"], spec.get("max_turns"), read_jsonl(spec["prompts"])
+    extra, tool_kw = {"reward_funcs": arithmetic}, {}
+    if turns:  # TRL parses tool calls only in chat templates it ships: its Qwen2.5 one renders the tool's schema
+        from transformers import AutoTokenizer
+        from trl.chat_template_utils import qwen2_5_chat_template
+        extra |= {"tools": [calculator], "processing_class": AutoTokenizer.from_pretrained(spec["model"])}
+        extra["processing_class"].chat_template = qwen2_5_chat_template
+        rows = [r | {"prompt": r["prompt"][-1:]} for r in rows]  # the question alone (ours' system message: its format)
+        tool_kw = {"max_tool_calling_iterations": turns - 1, "max_completion_length": spec["episode_tokens"],
+                   "generation_kwargs": {"max_new_tokens": spec["max_new_tokens"]}}  # per turn; the episode's: above
     # the whole generation batch per device and no accumulation: steps_per_generation = 1, generation_batch_size = bs,
     # each optimizer step sees all bs episodes; num_iterations=mu reuses them for mu steps (ours PPO: 2 epochs x 1)
     config = GRPOConfig(**trl_kwargs(spec, per_device_train_batch_size=bs, gradient_accumulation_steps=1,
                                      num_generations=g, num_iterations=mu, max_steps=mu * n_steps,
                                      max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"],
-                                     top_p=1.0, shuffle_dataset=False, bf16=True))
+                                     top_p=1.0, shuffle_dataset=False, bf16=True) | tool_kw)
     if config.generation_batch_size != bs or config.steps_per_generation != 1:
         raise RuntimeError(f"generation_batch_size {config.generation_batch_size}, steps_per_generation "
                            f"{config.steps_per_generation}: expected {bs} and 1")
@@ -540,9 +561,11 @@ def worker_trl_grpo(spec: dict) -> dict:
                 out = super()._generate(prompts)
             finally:
                 state["in_gen"] = False
-            sync(torch)  # out[1]: the completion ids, EOS included
-            rounds[-1] |= {"gen_s": time.perf_counter() - t, "gen_tokens": sum(map(len, out[1])),
-                           "episodes": len(out[1])}
+            sync(torch)  # out[1]: the completion ids, EOS included (and tool results: out[2] marks them 0)
+            rounds[-1] |= {"gen_s": time.perf_counter() - t, "episodes": len(out[1]),
+                           "gen_tokens": sum(map(len, out[1])) if out[2] is None else sum(map(sum, out[2])),
+                           **{k: mean([sum(m.get("role") == role for m in c) for c in out[3]])
+                              for k, role in (("turns", "assistant"), ("tool_calls", "tool"))}}
             return out
 
         def _calculate_rewards(self, *a, **k):
@@ -560,8 +583,8 @@ def worker_trl_grpo(spec: dict) -> dict:
         for model, name in ((trainer.model, "old-policy log-probs"), (trainer.ref_model, "reference")):
             if model is not None:
                 model.get_input_embeddings().register_forward_pre_hook(probe(name))
-    trainer, report = time_trl(TimedGRPOTrainer, spec, config, state, read_jsonl(spec["prompts"]), check_rows=False,
-                               patch=autocast_probes, reward_funcs=arithmetic)
+    trainer, report = time_trl(TimedGRPOTrainer, spec, config, state, rows, check_rows=False, patch=autocast_probes,
+                               **extra)
     steps = report["step_s"]
     if [r["at_step"] for r in rounds] != list(range(0, mu * n_steps, mu)) or any(r["episodes"] != bs for r in rounds):
         raise RuntimeError(f"unexpected generation rounds: {[(r['at_step'], r['episodes']) for r in rounds]}")
@@ -576,7 +599,8 @@ def worker_trl_grpo(spec: dict) -> dict:
     return report | {"iter_s": iters, "gen_tokens": [r["gen_tokens"] for r in rounds], "split": split,
                      "prompts": [r["prompts"] for r in rounds], "optimizer_steps_per_iter": mu, "beta": config.beta,
                      "ref_model": trainer.ref_model is not None, "loss_type": config.loss_type,
-                     "autocast": {k: sorted(v) for k, v in autocast.items()}, "learning_rate": config.learning_rate}
+                     "autocast": {k: sorted(v) for k, v in autocast.items()}, "learning_rate": config.learning_rate,
+                     **({k: [r[k] for r in rounds] for k in ("turns", "tool_calls")} if turns else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -356,6 +356,7 @@ class BaseTrainer(ABC):
             self.scheduler.step()  # the LR horizon counts steps (online: iterations)
             self.global_step += 1
             window.add(out.metrics, out.num_samples, out.num_tokens)
+            speed.watch_heap()  # a kept CPU heap that keeps growing is given back to glibc's policy
             self.on_step_end(out)
             self.run_log.bar.update(1)
             end = self.global_step == a.total_steps

@@ -26,7 +26,6 @@ from plumbing.generation import generate, truncate_after_eos  # noqa: F401  (tru
 from plumbing.logprobs import kept_logits, label_logps, pack_for_labels
 from plumbing.metrics import MetricWindow
 from plumbing.run import UserError, agree_on_error, ceil_div, first_line, print0, progress, stopwatch  # noqa: F401
-from plumbing.speed import ragged_shapes_from_here
 
 # PPO and GRPO refuse --top-p < 1 with this: their policy gradient and KL are taken on the distribution that was
 # sampled, and a truncated one makes the log-probs of the current and reference policy -inf wherever their own
@@ -116,8 +115,6 @@ def sample(trainer, examples: list[dict], num_samples: int = 1, greedy: bool = F
         return sample_episodes(trainer, examples, trainer.env, num_samples, greedy, max_new_tokens)
     a, tok = trainer.args, trainer.tokenizer
     model = model or trainer.hf_model()
-    if not greedy:  # sampled lengths: new shapes every step from here (plumbing.speed)
-        ragged_shapes_from_here()
     ids, mask = left_pad([e["prompt_ids"] for e in examples], tok.pad_token_id)
     model.eval()
     with trainer.autocast():
@@ -369,8 +366,6 @@ def sample_episodes(trainer, examples: list[dict], env: Env, num_samples: int = 
     agree_on_error(error)
     comp, mask, logps = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
     live, ended, turns, replies = [True] * n, [False] * n, [0] * n, [""] * n
-    if not greedy:
-        ragged_shapes_from_here()
     model.eval()
     for _ in range(env.max_turns):
         idx = [i for i in range(n) if live[i]]

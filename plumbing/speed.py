@@ -2,7 +2,7 @@
 benchmarks/README.md, "The speed tricks and what each saves")."""
 from __future__ import annotations
 
-import contextlib
+import os
 import sys
 
 import torch
@@ -55,40 +55,56 @@ def _densify(p: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The CPU heap (glibc's malloc). A run starts with freed memory kept (fixed shapes: offline steps); FSDP gives big
-# blocks back at once; the first sampled batch (ragged shapes from then on) restores glibc's own policy.
+# The CPU heap (glibc's malloc). Kept by default on CPU: glibc returns big freed blocks to the OS and every step page-
+# faults them back in, zero-filled. Under FSDP big blocks go back at once. A kept heap that keeps growing (ragged
+# shapes fragment it, as GRPO's groups can) gets glibc's own policy back, once.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-_heap = ["default"]
+_heap = {"policy": "default", "steps": 0, "warm_rss": 0}
 
 
-def _mallopt(*settings: tuple[int, int]) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: leave the allocator alone
-            libc = ctypes.CDLL("libc.so.6")
-            for param, value in settings:
-                libc.mallopt(param, value)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: leave the allocator alone
+        return None
 
 
 def choose_heap(device: torch.device, fsdp: bool) -> None:
     """At the start of a run, on CPU: under FSDP, blocks of 1 MiB or more are mapped and given back to the OS when
     freed (glibc's default raises that threshold to the largest block freed so far, after which gathered layers land
-    in heaps that are never given back: a whole model's size per rank over an eval). Otherwise freed memory stays in
-    the heap: by default glibc returns big blocks and every step page-faults them back in, zero-filled."""
-    if device.type != "cpu":
+    in heaps that are never given back: a whole model's size per rank over an eval); otherwise freed memory stays."""
+    libc = _libc()
+    if device.type != "cpu" or libc is None:
         return
     if fsdp:
-        _mallopt((_M_MMAP_THRESHOLD, 1 << 20))
-        _heap[0] = "fsdp"
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     else:
-        _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-        _heap[0] = "kept"
+        libc.mallopt(_M_MMAP_MAX, 0), libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        _heap.update(policy="kept", steps=0, warm_rss=0)
 
 
-def ragged_shapes_from_here() -> None:
-    """Called by generation: from now on every step allocates new shapes (sampled lengths), which fragment a kept heap
-    until it grows without bound, so glibc's defaults come back (a no-op unless the heap was kept)."""
-    if _heap[0] == "kept":
-        _mallopt((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
-        _heap[0] = "default"
+def watch_heap(warm_steps: int = 3, growth: float = 1.5) -> None:
+    """After each step: with a kept heap, the resident memory after `warm_steps` steps is the measure; once it grows
+    past `growth` times that (by 1 GB at least), glibc's own policy comes back and the heap is trimmed."""
+    if _heap["policy"] != "kept":
+        return
+    _heap["steps"] += 1
+    rss = _resident_bytes()
+    if _heap["steps"] == warm_steps:
+        _heap["warm_rss"] = rss
+    elif _heap["warm_rss"] and rss > max(growth * _heap["warm_rss"], _heap["warm_rss"] + 2**30):
+        libc = _libc()
+        libc.mallopt(_M_MMAP_MAX, 65536), libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024), libc.malloc_trim(0)
+        _heap["policy"] = "default"
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

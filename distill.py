@@ -45,9 +45,11 @@ class Args(TrainArgs):
     """fraction of rows whose completion the student samples (on-policy); the rest keep the data's (TRL's name)"""
     beta: float = 0.0
     """generalized JSD interpolation: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
-    (TRL's default is 0.5; forward KL measured best for the default context distillation)"""
+    (TRL's default is 0.5; forward KL measured best for the default context distillation). The loss is its mean over
+    every completion token of the step, as TRL's (the GKD paper averages per sequence first)"""
     temperature: float = 0.9
-    """sampling temperature, and the temperature of both distributions in the loss"""
+    """sampling temperature, and the temperature of both distributions in the loss (as TRL's DistillationTrainer;
+    TRL's GKDTrainer samples at it but takes the loss at 1)"""
     max_new_tokens: int = 8
     """longest sampled completion (the task's replies: a number, or a short sentence)"""
     num_shots: int = 2
@@ -112,9 +114,9 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log-softmaxes exist at a time, in forward and in backward; None = one block (the plain reference)."""
     if chunk is None or chunk >= student_logits.shape[0]:
         return _jsd_block(student_logits, teacher_logits, beta, temperature)
-    return torch.cat([checkpoint(_jsd_block, student_logits[i:i + chunk], teacher_logits[i:i + chunk], beta,
-                                 temperature, use_reentrant=False)
-                      for i in range(0, student_logits.shape[0], chunk)])
+    # split, not slice: a slice's backward writes a zero-filled [N, V] gradient per chunk, split's concatenates once
+    return torch.cat([checkpoint(_jsd_block, s, t, beta, temperature, use_reentrant=False)
+                      for s, t in zip(student_logits.split(chunk), teacher_logits.split(chunk))])
 
 
 TEACHER_KEYS = ("input_ids", "attention_mask", "position_ids", "keep", "logit_index")

@@ -54,7 +54,10 @@ class Args(TrainArgs):
     """KL strength: rewards are beta * log(pi / pi_ref); for IPO it is tau (the target margin is 1 / (2 beta)); for
     SimPO the reward scale (the paper uses 2-2.5); for ORPO the weight lambda of the odds-ratio term (TRL's name)"""
     loss_type: LossType = LossType.sigmoid
-    """sigmoid (DPO), ipo, hinge, robust, simpo, orpo"""
+    """sigmoid (DPO), ipo, hinge, robust, simpo, orpo. IPO, SimPO and ORPO read length-averaged log-probs, and so do
+    their logged rewards/* (TRL's IPO logs summed ones). ORPO's NLL is the mean over the chosen completion's tokens
+    (the paper's L_SFT; TRL and the official code average it over prompt and completion, so one lambda weighs
+    differently)"""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin gamma (TRL's name and default)"""
     label_smoothing: float = 0.0
@@ -128,8 +131,9 @@ def dpo_loss(
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     elif loss_type == LossType.orpo:
         # ORPO eqs. 4-7: L_SFT + lambda L_OR, L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)), odds = P / (1 - P)
-        # with P = exp(mean token log-prob); L_SFT = -mean token log-prob of y_w; log(1 - P) = log(-expm1(log P))
-        log1m = lambda lp: torch.log(-torch.expm1(lp))  # noqa: E731
+        # with P = exp(mean token log-prob); L_SFT = -mean token log-prob of y_w; log(1 - P) = log(-expm1(log P)),
+        # log P clamped just below 0 there: a completion the model is certain of (log P = 0.0) keeps finite gradients
+        log1m = lambda lp: torch.log(-torch.expm1(lp.clamp(max=-1e-6)))  # noqa: E731
         log_odds = (policy_chosen_logps - log1m(policy_chosen_logps)) - (policy_rejected_logps
                                                                           - log1m(policy_rejected_logps))
         losses = -policy_chosen_logps - beta * F.logsigmoid(log_odds)
@@ -206,10 +210,8 @@ class DPOTrainer(BaseTrainer):
         pc, pr = policy_logps.chunk(2)
         rc, rr = ref_logps.chunk(2)
         losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, a.beta, a.loss_type, a.label_smoothing, a.simpo_gamma)
-        loss = losses.mean()
-        metrics = {"loss": loss.detach()}
-        if a.rpo_alpha > 0:
-            loss = loss + a.rpo_alpha * nll
+        loss = losses.mean() + a.rpo_alpha * nll if a.rpo_alpha else losses.mean()
+        metrics = {"loss": loss.detach()}  # what is optimized; with RPO its NLL part also as nll_loss (TRL's name)
         if a.rpo_alpha > 0 or a.loss_type == LossType.orpo:  # ORPO's loss holds this NLL already
             metrics["nll_loss"] = nll.detach()
         metrics |= {"rewards/chosen": chosen_r.mean(), "rewards/rejected": rejected_r.mean(),

@@ -60,6 +60,11 @@ class LossType(StrEnum):
     dr_grpo = "dr_grpo"  # token sum / (max_new_tokens x sequences): a constant normaliser
     dapo = "dapo"  # token mean over all tokens of the optimizer step (micro-batches and ranks): TRL's default
 
+    @property
+    def length_weighted(self) -> bool:
+        """A sequence's term counts with its length: not the GSPO objective, which averages sequences (eq. 5)."""
+        return self != LossType.grpo
+
 
 @dataclass
 class Args(TrainArgs):
@@ -75,8 +80,9 @@ class Args(TrainArgs):
     """group, batch or none (Dr. GRPO); default: group, and none under --advantage rloo"""
     advantage: AdvantageType = AdvantageType.grpo
     """grpo (group-mean baseline) or rloo (leave-one-out baseline; unscaled, so it needs --scale-rewards none)"""
-    loss_type: LossType = LossType.dapo
-    """dapo (TRL's default), grpo or dr_grpo: how per-token losses are averaged"""
+    loss_type: LossType | None = None
+    """dapo, grpo or dr_grpo: how per-token losses are averaged; default dapo (TRL's), and grpo with sequence-level
+    ratios (GSPO's objective averages sequences: the length-weighted dapo / dr_grpo are refused there)"""
     importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel.token
     """token (GRPO) or sequence (GSPO: the ratio of a sequence is exp(mean over its loss tokens of log pi / pi_old),
     clipped per sequence; the GSPO paper clips at 3e-4 / 4e-4, so set --epsilon-low / --epsilon-high with it)"""
@@ -143,6 +149,12 @@ class Args(TrainArgs):
         elif self.advantage == AdvantageType.rloo and self.scale_rewards != ScaleRewards.none:
             raise UserError(f"--advantage rloo with --scale-rewards {self.scale_rewards}: RLOO's advantage is "
                             f"r_i - mean of the others, unscaled; pass --scale-rewards none (or leave it out)")
+        sequence = self.importance_sampling_level == ImportanceSamplingLevel.sequence
+        self.loss_type = LossType(self.loss_type or (LossType.grpo if sequence else LossType.dapo))
+        if sequence and self.loss_type.length_weighted:
+            raise UserError(f"--loss-type {self.loss_type} with --importance-sampling-level sequence: weighs each "
+                            f"sequence's clipped term by its length, where GSPO (eq. 5) averages sequences equally; "
+                            f"use --loss-type grpo (the default with sequence-level ratios)")
         check_flag(self, "epsilon_low", 0 <= self.epsilon_low < 1, "must be in [0, 1)")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon_low
@@ -224,6 +236,13 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossT
     if loss_type == LossType.dr_grpo:
         return masked.sum() / (mask.shape[0] * max_new_tokens)
     return Mean(masked.sum(), mask.sum())
+
+
+def per_sequence(indicator: torch.Tensor, mask: torch.Tensor) -> Mean:
+    """A per-token 0/1 indicator that is constant along each sequence [N, L] -> its mean over the sequences that
+    have loss tokens (an exact Mean)."""
+    has = mask.sum(1) > 0
+    return Mean((indicator * mask).amax(1)[has].sum().detach(), has.sum())
 
 
 def reward_std_over_ranks(rewards: torch.Tensor) -> torch.Tensor:
@@ -314,10 +333,12 @@ class GRPOTrainer(BaseTrainer):
             per_token = per_token + a.beta * kl
             metrics["kl"] = masked_sum(kl, mask)
         loss = aggregate_loss(per_token, mask, a.loss_type, a.max_new_tokens * (a.max_turns if self.env else 1))
-        # token metrics: exact means over the step's tokens, every micro-batch and rank (as TRL logs them)
+        # token metrics: exact means over the step's tokens, every micro-batch and rank, as TRL logs them; with
+        # sequence-level ratios the clip fractions are over sequences (one clip decision each), as TRL counts them
+        clipped = per_sequence if a.importance_sampling_level == ImportanceSamplingLevel.sequence else masked_sum
         return LossOutput(loss, metrics | {
-            "entropy": masked_sum(entropy, t["mask"]), "clip_ratio/low_mean": masked_sum(low, mask),
-            "clip_ratio/high_mean": masked_sum(high, mask), "clip_ratio/region_mean": masked_sum(low + high, mask)})
+            "entropy": masked_sum(entropy, t["mask"]), "clip_ratio/low_mean": clipped(low, mask),
+            "clip_ratio/high_mean": clipped(high, mask), "clip_ratio/region_mean": clipped(low + high, mask)})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -33,8 +33,10 @@ class Args(TrainArgs):
     undesirable_weight: float = 1.0
     """lambda_U, weight of an undesirable row's loss"""
     precompute_ref_logps: bool = False
-    """compute reference log-probs once before training, then free the reference model (saves its memory and forward);
-    as TRL, each row's mismatched KL completion is then fixed once instead of drawn from its micro-batch"""
+    """compute reference log-probs once before training, then free the reference model (saves its memory and forward).
+    Each row's mismatched KL completion is then fixed before training: its predecessor's in a seeded shuffle of all
+    rows (TRL fixes them too, rotated within each batch of the file in order, which it then trains on in that order);
+    without this flag each micro-batch rotates its own rows' completions (x_i with y_(i-1)), as TRL's batches do"""
     padding_free: bool = True
     """pack each micro-batch into one row, each prompt once, shared by its completion and its KL pair's (exact;
     needs a transformers model with AttentionInterface attention); --no-padding-free pads to the longest sequence"""

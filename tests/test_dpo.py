@@ -286,3 +286,27 @@ def test_simpo_orpo_bad_flags(tiny_model_dir, pairs_file, tmp_path, kw, match):
     from common import UserError
     with pytest.raises(UserError, match=match):
         DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "out", **kw))
+
+
+def test_orpo_at_a_certain_completion_keeps_finite_gradients():
+    """A chosen completion whose mean log-prob is exactly 0.0 in fp32 (the model is certain of it): log(1 - P) is
+    -inf there unclamped; the loss and its gradient stay finite."""
+    pc = torch.tensor([0.0, -0.5], requires_grad=True)
+    pr = torch.tensor([-1.0, -2.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, torch.zeros(2), torch.zeros(2), 0.1, "orpo")
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    # away from 0 the clamp changes nothing: the closed form of eqs. 4-7
+    odds = lambda lp: lp - math.log(1 - math.exp(lp))  # noqa: E731
+    want = 0.5 - 0.1 * math.log(1 / (1 + math.exp(-(odds(-0.5) - odds(-2.0)))))
+    assert losses[1].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_logged_loss_is_the_optimized_loss_with_rpo(tiny_model_dir, pairs_file, tmp_path):
+    """With --rpo-alpha the logged loss includes the NLL term (what is optimized); the term is also nll_loss."""
+    t = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path, rpo_alpha=0.5))
+    batch = t.make_batch(t.train_data[:4])
+    with torch.no_grad():
+        out = t.compute_loss(t.model, batch)
+    assert out.metrics["loss"].item() == pytest.approx(out.loss.item())
+    assert out.metrics["loss"].item() == pytest.approx(math.log(2) + 0.5 * out.metrics["nll_loss"].item(), rel=1e-5)

@@ -364,3 +364,49 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, task_dir, 
     kl = [m["train/kl"] for m in read_metrics(tmp_path) if "train/kl" in m]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # step 1: the policy is still the base
     assert (tmp_path / "final" / "adapter").exists()
+
+
+def test_gspo_defaults_to_the_papers_aggregation_and_refuses_length_weighting(tiny_model_dir, task_dir, tmp_path):
+    """Sequence-level ratios average sequences (GSPO eq. 5): the default loss type is grpo there (dapo at token
+    level), and an explicitly length-weighted one is one line. Two sequences of 1 and 4 tokens, A = 1, eps 0.2, ratio
+    1.5 (clipped): grpo's loss is the paper's -1.2, dapo's weighs the 4-token one 4x."""
+    seq = _args(tiny_model_dir, task_dir, tmp_path, importance_sampling_level="sequence")
+    seq.validate()
+    assert seq.loss_type == LossType.grpo
+    tok = _args(tiny_model_dir, task_dir, tmp_path)
+    tok.validate()
+    assert tok.loss_type == LossType.dapo
+    for lt in ("dapo", "dr_grpo"):
+        with pytest.raises(UserError, match=rf"--loss-type {lt} with --importance-sampling-level sequence: weighs "
+                                            r"each sequence's clipped term by its length.*use --loss-type grpo"):
+            _args(tiny_model_dir, task_dir, tmp_path, importance_sampling_level="sequence", loss_type=lt).validate()
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 1]])
+    logps = torch.log(torch.full((2, 4), 1.5)) * mask
+    per_token, _, _ = clipped_token_loss(logps, torch.zeros(2, 4), torch.ones(2), 0.2, 0.2, mask, "sequence")
+    assert aggregate_loss(per_token, mask, LossType.grpo, 4).item() == pytest.approx(-1.2)
+    dapo = aggregate_loss(per_token, mask, LossType.dapo, 4)
+    assert (dapo.total / dapo.count).item() == pytest.approx(-1.2) and dapo.count == 5  # each token counted
+
+
+def test_gspo_clip_metrics_count_sequences(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """With sequence-level ratios one clip decision is made per sequence: sequences of 1 and 4 loss tokens with only
+    the first clipped log 0.5 (as TRL), not the token share 0.2."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, importance_sampling_level="sequence",
+                           num_iterations=2))
+    (mb,) = grpo_micro_batches(tr, [1])
+    t = mb.tensors
+    n = len(mb.sources)
+    lengths = [1, 4] + [0] * (n - 2)  # loss tokens per sequence; the rest masked out
+    t["loss_mask"] = torch.zeros_like(t["loss_mask"])
+    for i, k in enumerate(lengths):
+        t["loss_mask"][i, :min(k, int(t["mask"][i].sum()))] = 1
+    assert t["loss_mask"][1].sum() > 1
+    with torch.no_grad():
+        logps = token_logps(tr.model, mb, tr.args.temperature)
+    t["old_logps"] = logps - torch.tensor([[1.0], [0.0]] + [[0.0]] * (n - 2)) * t["mask"]  # seq 0: ratio e > 1.2
+    t["advantages"] = torch.ones(n)
+    with torch.no_grad():
+        out = tr.compute_loss(tr.model, mb)
+    high = out.metrics["clip_ratio/high_mean"]
+    assert (high.total / high.count).item() == pytest.approx(0.5)

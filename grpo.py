@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import partial
 from typing import Annotated
 
 import torch
@@ -34,9 +33,9 @@ from torch import nn
 import tasks
 from common import (BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag, run_main,
                     use_segment_attention)
-from rollout import (TOP_P_OFF_POLICY, Env, Rollout, Scorer, completion_logps, env_examples, episode_metrics,
-                     evaluate_replies, first_samples, load_env, log_samples, masked_sum, prompt_examples,
-                     rollout_batch, sample, stopwatch, token_logps)
+from rollout import (TOP_P_OFF_POLICY, EpisodeArgs, Rollout, Scorer, completion_logps, episode_metrics,
+                     evaluate_replies, first_samples, log_samples, masked_sum, online_examples, rollout_batch, sample,
+                     stopwatch, token_logps)
 
 
 class ScaleRewards(StrEnum):
@@ -67,7 +66,7 @@ class LossType(StrEnum):
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, EpisodeArgs):
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; repeat the flag for several
     (summed with --reward-weights); default on a built-in task: its verifier `tasks:reward` (1.0 if the first integer
@@ -122,23 +121,13 @@ class Args(TrainArgs):
     padding_free: bool = True
     """log-prob forwards on one packed row in which each group's prompt appears once (exact); --no-padding-free: the
     left-padded batch"""
-    env: str | None = None
-    """`module:factory`: multi-turn episodes with an environment (its contract: rollout.py, README); default on the
-    built-in tool task: its calculator (--dataset multiply: tasks:CalculatorEnv)"""
-    max_turns: int = 4
-    """--env: assistant replies per episode at most (--max-length bounds its tokens)"""
-    env_timeout: float = 10.0
-    """--env: seconds one environment call may take before the run stops with one line naming it"""
-
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
 
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
-        self.env = self.env or tasks.default_env(self.dataset)
-        check_flag(self, "max_turns", self.max_turns >= 1, "must be >= 1")
-        check_flag(self, "env_timeout", self.env_timeout > 0, "must be > 0")
+        self.check_episode_flags(tasks.default_env(self.dataset))
         check_flag(self, "num_generations", self.num_generations >= 2,
                    "must be >= 2 (a group of one has no baseline or std: its advantage is undefined)")
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy groups are all alike)")
@@ -277,10 +266,7 @@ class GRPOTrainer(BaseTrainer):
         a = self.args
         self.scorer = Scorer(self, tasks.reward_fns(a.reward_fn, a.dataset, " (repeatable)"), a.reward_weights)
         train_rows, eval_rows = tasks.load_rows(a, "prompt")
-        self.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None  # multi-turn episodes
-        examples = partial(env_examples) if self.env else partial(prompt_examples, self.tokenizer,
-                                                                  max_prompt_length=a.max_prompt_length)
-        self.train_data, self.eval_data = examples(train_rows, split="train"), examples(eval_rows, split="eval")
+        self.train_data, self.eval_data = online_examples(self, train_rows, eval_rows)  # --env: episodes' rows
 
     def training_step(self) -> StepOutput:
         """One iteration: sample each prompt's group -> score it -> group advantages -> old and reference log-probs

@@ -10,7 +10,7 @@ https://arxiv.org/abs/2402.04792), one file: DPO on pairs the current policy sam
 One step (iteration) = two completions of each prompt sampled from the current policy -> scored -> the better one is
 chosen, the other rejected (a tied pair weighs nothing) -> one update with dpo.py's loss on the pairs. Flag names
 follow TRL's OnlineDPOTrainer. Prompt rows are {"prompt": str or messages, ...}; the other fields reach the reward
-functions.
+functions. With --env the two samples are whole multi-turn episodes (as grpo.py's), judged by their reward.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import tasks
 from common import (BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag, run_main,
                     use_segment_attention)
 from dpo import LossType, dpo_loss
-from rollout import (Rollout, Scorer, completion_logps, evaluate_replies, first_samples, load_reward_model,
-                     log_samples, prompt_examples, rollout_batch, sample, stopwatch, token_logps)
+from rollout import (EpisodeArgs, Rollout, Scorer, completion_logps, episode_metrics, evaluate_replies, first_samples,
+                     load_reward_model, log_samples, online_examples, rollout_batch, sample, stopwatch, token_logps)
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, EpisodeArgs):
     reward_fn: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; repeat the flag for several
     (summed with --reward-weights); default on a built-in task: its verifier `tasks:reward` (1.0 if the first integer
@@ -73,6 +73,7 @@ class Args(TrainArgs):
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
+        self.check_episode_flags(tasks.default_env(self.dataset))
         self.loss_type = LossType(self.loss_type)  # a plain string when built in code
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy pairs are alike)")
         check_flag(self, "beta", self.beta > 0, "must be > 0")
@@ -113,8 +114,7 @@ class OnlineDPOTrainer(BaseTrainer):
         fns = [] if self.judge else tasks.reward_fns(a.reward_fn, a.dataset, " (repeatable) or --reward-model PATH")
         self.scorer = Scorer(self, fns, a.reward_weights, self.judge)
         train_rows, eval_rows = tasks.load_rows(a, "prompt")
-        self.train_data = prompt_examples(self.tokenizer, train_rows, a.max_prompt_length, "train")
-        self.eval_data = prompt_examples(self.tokenizer, eval_rows, a.max_prompt_length, "eval")
+        self.train_data, self.eval_data = online_examples(self, train_rows, eval_rows)  # --env: episodes' rows
 
     def training_step(self) -> StepOutput:
         """One iteration: sample two completions of each prompt -> score them -> the better chosen -> the reference's
@@ -144,9 +144,9 @@ class OnlineDPOTrainer(BaseTrainer):
                    "completions/mean_length": lengths.mean(), "val/contain_eos_token": ro.has_eos.float().mean(),
                    "time/generation": time_generate, "time/scoring": time_score, "time/logprobs": time_logprobs,
                    "time/update": clock()}
-        metrics |= {f"rewards/{name}/mean": col.mean() for name, col in per_fn.items()}
+        metrics |= {f"rewards/{name}/mean": col.mean() for name, col in per_fn.items()} | episode_metrics(ro)
         log_samples(self, first_samples(ro, rewards))
-        return StepOutput.of([update], {k: float(v) for k, v in metrics.items()}, len(ro), ro.num_tokens())
+        return StepOutput.of([update], metrics, len(ro), ro.num_tokens())
 
     def compute_loss(self, model, batch) -> LossOutput:
         """dpo.py's loss on one micro-batch of pairs: a mean over the untied pairs of the whole update (Mean)."""
@@ -171,7 +171,7 @@ class OnlineDPOTrainer(BaseTrainer):
         def metrics(ro: Rollout) -> dict:
             rewards, _ = self.scorer(ro)
             return {"reward": rewards.mean(), "completions/mean_length": ro.mask.sum(1).mean(),
-                    **tasks.accuracy(self.args.dataset, ro)}
+                    **tasks.accuracy(self.args.dataset, ro), **episode_metrics(ro)}
         return evaluate_replies(self, self.eval_data, self.args.batch_size * 2, metrics)
 
 

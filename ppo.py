@@ -24,9 +24,9 @@ from torch import nn
 import tasks
 from common import (BaseTrainer, LossOutput, StepOutput, TrainArgs, UserError, add_lora, check_flag, kept_logits,
                     label_logps, run_main, segment_forward, use_segment_attention)
-from rollout import (TOP_P_OFF_POLICY, Env, Rollout, Scorer, env_examples, episode_metrics, evaluate_replies,
-                     first_samples, load_env, load_reward_model, log_samples, masked_mean, prompt_examples,
-                     reward_head, rollout_batch, sample, scatter_tokens, stopwatch, token_logps)
+from rollout import (TOP_P_OFF_POLICY, EpisodeArgs, Rollout, Scorer, episode_metrics, evaluate_replies, first_samples,
+                     load_reward_model, log_samples, masked_mean, online_examples, reward_head, rollout_batch, sample,
+                     scatter_tokens, stopwatch, token_logps)
 
 
 class CriticType(StrEnum):
@@ -40,7 +40,7 @@ class KLEstimator(StrEnum):
 
 
 @dataclass
-class Args(TrainArgs):
+class Args(TrainArgs, EpisodeArgs):
     reward_fn: str | None = None
     """`module:function` called as fn(prompts, completions, **row_fields) -> list[float]; default: the built-in
     arithmetic verifier (1.0 if the first integer of the reply is the sum, else 0.0)"""
@@ -94,23 +94,13 @@ class Args(TrainArgs):
     padding_free: bool = True
     """log-prob/value forwards on one packed row in which prompt prefixes shared by episodes (e.g. the chat template's
     system prompt) appear once (exact); --no-padding-free: the left-padded batch"""
-    env: str | None = None
-    """`module:factory`: multi-turn episodes with an environment (its contract: rollout.py, README); default on the
-    built-in tool task: its calculator (--dataset multiply: tasks:CalculatorEnv)"""
-    max_turns: int = 4
-    """--env: assistant replies per episode at most (--max-length bounds its tokens)"""
-    env_timeout: float = 10.0
-    """--env: seconds one environment call may take before the run stops with one line naming it"""
-
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
 
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
-        self.env = self.env or tasks.default_env(self.dataset)
-        check_flag(self, "max_turns", self.max_turns >= 1, "must be >= 1")
-        check_flag(self, "env_timeout", self.env_timeout > 0, "must be > 0")
+        self.check_episode_flags(tasks.default_env(self.dataset))
         check_flag(self, "temperature", self.temperature > 0, "must be > 0 (greedy decoding is not PPO's sampling)")
         check_flag(self, "top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         check_flag(self, "top_p", self.top_p == 1, TOP_P_OFF_POLICY)
@@ -302,10 +292,7 @@ class PPOTrainer(BaseTrainer):
                                                          " or --reward-model PATH")
         self.scorer = Scorer(self, fns, reward_model=self.reward_model)
         train_rows, eval_rows = tasks.load_rows(a, "prompt")
-        self.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None  # multi-turn episodes
-        examples = partial(env_examples) if self.env else partial(prompt_examples, self.tokenizer,
-                                                                  max_prompt_length=a.max_prompt_length)
-        self.train_data, self.eval_data = examples(train_rows, split="train"), examples(eval_rows, split="eval")
+        self.train_data, self.eval_data = online_examples(self, train_rows, eval_rows)  # --env: episodes' rows
 
     def training_step(self) -> StepOutput:
         """One iteration: sample -> score -> log-probs, reference log-probs and values -> per-token rewards -> GAE ->

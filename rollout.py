@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from common import Batch, Mean, load_model
+from common import Batch, Mean, check_flag, load_model
 from plumbing.data import check_prompt, encode_prompt, rank_batches, render_chat
 from plumbing.generation import generate, truncate_after_eos  # noqa: F401  (truncate_after_eos: tests, tasks)
 from plumbing.logprobs import kept_logits, label_logps, pack_for_labels
@@ -270,6 +270,34 @@ class Env:
     factory: object
     max_turns: int = 4
     timeout: float = 10.0
+
+
+@dataclass
+class EpisodeArgs:
+    """The multi-turn flags the online scripts share (grpo.py, ppo.py, online_dpo.py)."""
+    env: str | None = None
+    """`module:factory`: multi-turn episodes with an environment (its contract: rollout.py, README); default on the
+    built-in tool task: its calculator (--dataset multiply: tasks:CalculatorEnv)"""
+    max_turns: int = 4
+    """--env: assistant replies per episode at most (--max-length bounds its tokens)"""
+    env_timeout: float = 10.0
+    """--env: seconds one environment call may take before the run stops with one line naming it"""
+
+    def check_episode_flags(self, default_env: str | None) -> None:
+        self.env = self.env or default_env
+        check_flag(self, "max_turns", self.max_turns >= 1, "must be >= 1")
+        check_flag(self, "env_timeout", self.env_timeout > 0, "must be > 0")
+
+
+def online_examples(trainer, train_rows: list, eval_rows: list) -> tuple[list[dict], list[dict]]:
+    """An online script's train and eval examples. With --env the environment opens each episode from its row
+    (`trainer.env`, an Env, is set); else each prompt is tokenized and cut from the left to --max-prompt-length."""
+    a = trainer.args
+    trainer.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None
+    if trainer.env:
+        return env_examples(train_rows, "train"), env_examples(eval_rows, "eval")
+    return tuple(prompt_examples(trainer.tokenizer, rows, a.max_prompt_length, split)
+                 for rows, split in ((train_rows, "train"), (eval_rows, "eval")))
 
 
 def load_env(spec: str):

@@ -8,13 +8,10 @@ trainer: its model, tokenizer, end-of-turn ids, autocast, and the flags --max-ne
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +22,9 @@ from plumbing.data import check_prompt, encode_prompt, rank_batches, render_chat
 from plumbing.generation import generate, truncate_after_eos  # noqa: F401  (truncate_after_eos: tests, tasks)
 from plumbing.logprobs import kept_logits, label_logps, pack_for_labels
 from plumbing.metrics import MetricWindow
-from plumbing.run import UserError, agree_on_error, ceil_div, first_line, print0, progress, stopwatch  # noqa: F401
+from plumbing.models import reward_head, reward_model_scores  # noqa: F401  (reward_head: ppo.py)
+from plumbing.run import (UserError, agree_on_error, ceil_div, first_line, print0, progress,  # noqa: F401
+                          stopwatch, time_limit)  # stopwatch: the scripts' per-phase times
 
 # PPO and GRPO refuse --top-p < 1 with this: their policy gradient and KL are taken on the distribution that was
 # sampled, and a truncated one makes the log-probs of the current and reference policy -inf wherever their own
@@ -210,46 +209,6 @@ def load_reward_model(trainer, path: str, policy: nn.Module) -> nn.Module:
     return rm
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask * positions).argmax(1)
-
-
-def reward_head(model: nn.Module) -> nn.Module:
-    """The scalar head of a sequence classifier; a head of several outputs is not a reward model."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            if head.out_features != 1:
-                raise UserError(f"--reward-model: its `{name}` head has {head.out_features} outputs; a reward model "
-                                f"has one (num_labels=1)")
-            return head
-    raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
-
-
-def reward_token_index(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] the token whose hidden state a reward model scores: the one it was trained on. reward.py's models
-    (config.reward_at_last_token) at the last token, the reply's end-of-turn token when it has one. Any other
-    sequence classifier where transformers' pooling reads it, which is where TRL's RewardTrainer trained it: the last
-    token that is not config.pad_token_id, i.e. with pad == EOS the token BEFORE the EOS."""
-    last = last_token_index(attention_mask)
-    if getattr(config, "reward_at_last_token", False) or config.pad_token_id is None:
-        return last
-    return last_token_index(attention_mask * (input_ids != config.pad_token_id))
-
-
-@torch.no_grad()
-def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-    """Scalar score at `reward_token_index` [B]; position ids from the mask so left padding is harmless."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state
-    at = reward_token_index(rm.config, input_ids, attention_mask)
-    return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
-
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Multi-turn episodes with an environment (--env module:factory)
 #
@@ -313,23 +272,6 @@ def load_env(spec: str):
     if not callable(factory):
         raise UserError(f"--env {spec}: not callable")
     return factory
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float, what: str):
-    """TimeoutError in the main thread after `seconds` (SIGALRM; elsewhere no limit)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"took longer than {seconds:g} s (--env-timeout)")
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 MESSAGES = "a non-empty list of {role, content} messages"

@@ -253,6 +253,48 @@ def frozen_copy(model: nn.Module, precision: str, fsdp: bool) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Reward models: a sequence classifier scored at the token it was trained on
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row [B]: right for left AND right padding (pad may equal EOS)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(1)
+
+
+def reward_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence classifier; a head of several outputs is not a reward model."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            if head.out_features != 1:
+                raise UserError(f"--reward-model: its `{name}` head has {head.out_features} outputs; a reward model "
+                                f"has one (num_labels=1)")
+            return head
+    raise UserError(f"--reward-model {type(model).__name__}: no linear `score`/`classifier` head found")
+
+
+def reward_token_index(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] the token whose hidden state a reward model scores: the one it was trained on. reward.py's models
+    (config.reward_at_last_token) at the last token, the reply's end-of-turn token when it has one. Any other
+    sequence classifier where transformers' pooling reads it, which is where TRL's RewardTrainer trained it: the last
+    token that is not config.pad_token_id, i.e. with pad == EOS the token BEFORE the EOS."""
+    last = last_token_index(attention_mask)
+    if getattr(config, "reward_at_last_token", False) or config.pad_token_id is None:
+        return last
+    return last_token_index(attention_mask * (input_ids != config.pad_token_id))
+
+
+@torch.no_grad()
+def reward_model_scores(rm: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar score at `reward_token_index` [B]; position ids from the mask so left padding is harmless."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = rm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+    at = reward_token_index(rm.config, input_ids, attention_mask)
+    return reward_head(rm)(hidden[torch.arange(len(hidden), device=hidden.device), at])[:, 0].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The bundled default model
 
 

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -199,6 +200,23 @@ def run_main(fn) -> None:
                 os._exit(code)
     if code:
         sys.exit(code)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """TimeoutError in the main thread after `seconds` (SIGALRM; elsewhere no limit)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds:g} s (--env-timeout)")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def stopwatch(device: torch.device):

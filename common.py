@@ -47,6 +47,7 @@ from torch import nn
 
 from plumbing import checkpoint, speed
 from plumbing.data import ShardedSampler, rank_batches
+from plumbing.export import export_final
 from plumbing.metrics import MetricWindow, RunLog
 from plumbing.models import BUNDLED_MODEL, adapters_disabled, end_of_turn_ids, frozen, load_tokenizer
 from plumbing.run import (NonFiniteUpdates, UserError, all_ranks, any_rank_signalled, catch_preemption, ceil_div,
@@ -341,6 +342,9 @@ class BaseTrainer(ABC):
                    f"--resume to continue")
             return
         self.run_log.finish(first, last, self.summary_keys)
+        if signalled[0] and self.global_step:  # in the last step or the export: both were finished first
+            print0(f"{signalled[0]}: came as the run was ending; it finished first (checkpoint and export "
+                   f"{self.output_dir / 'final'} complete), nothing to resume")
 
     def _train(self, signalled: list) -> tuple[bool, dict | None, dict | None]:
         a, first, last, window = self.args, None, None, MetricWindow()
@@ -398,9 +402,10 @@ class BaseTrainer(ABC):
             self.run_log.wandb_id, self.nonfinite.skipped = state.get("wandb_id"), state.get("skipped_steps", 0)
 
     def export(self) -> None:
-        """The final model in HF format: AutoModelForCausalLM.from_pretrained(output_dir/final) (checkpoint.export)."""
-        checkpoint.export(self.output_dir, self.model, self.hf_model(), self.tokenizer, self.dist.is_main,
-                          self.run_log.write)
+        """The final model in HF format: AutoModelForCausalLM.from_pretrained(output_dir/final), streamed one tensor at
+        a time (plumbing/export.py); its generation config stops at the run's end-of-turn ids."""
+        export_final(self.output_dir, self.hf_model(), self.tokenizer, self.dist.is_main, self.run_log.write,
+                     eos_token_ids=self.end_of_turn)
 
     def release_output_dir(self) -> None:
         checkpoint.release_lock(self.lock)

@@ -15,6 +15,7 @@ import atexit
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,16 +43,18 @@ def build_model(d: Path, hidden: int, layers: int) -> int:
     sys.path.insert(0, str(REPO))
     from plumbing.models import BUNDLED_MODEL, load_tokenizer
     tok, heads = load_tokenizer(BUNDLED_MODEL), hidden // 64
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
+    config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
+        pad_token_id=tok.pad_token_id)
+    with torch.device("meta"):  # counted without the memory: the parent stays small while the runs measure
+        n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     if not (d / "config.json").exists():
-        model.save_pretrained(d)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(d)
         tok.save_pretrained(d)
-    return sum(p.numel() for p in model.parameters())
+    return n_params
 
 
 def run(script: str, nproc: int, steps: int, model: Path, rows: Path, tmp: Path, port: int) -> list[int]:
@@ -67,7 +70,9 @@ def run(script: str, nproc: int, steps: int, model: Path, rows: Path, tmp: Path,
                        env=os.environ | {"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return [int(Path(f"{out}.{rank}").read_text()) for rank in range(nproc)]
+    peaks = [int(Path(f"{out}.{rank}").read_text()) for rank in range(nproc)]
+    shutil.rmtree(out, ignore_errors=True)  # its checkpoint and export: a model's size several times over
+    return peaks
 
 
 def main() -> None:
@@ -98,12 +103,14 @@ def main() -> None:
              "train = --total-steps 2 (then the export); FSDP = torchrun --nproc_per_node N ... --strategy fsdp",
              f"- peak RSS = each process's VmHWM at exit; `max rank` = the largest rank's, `sum` = over all ranks; "
              f"x = against one process. CPU, gloo; {os.cpu_count()} cores; {time.time() - start:.0f} s in all\n",
-             "| script | run | processes | max rank GB | x one process | sum GB | x one process |",
-             "|---|---|---|---|---|---|---|"]
+             "| script | run | processes | each rank GB | max rank GB | x one process | sum GB | x one process |",
+             "|---|---|---|---|---|---|---|---|"]
     for (script, steps, nproc), peaks in results.items():
         one = results[script, steps, 1]
-        lines.append(f"| {script} | {'train 2 steps' if steps else 'eval-only'} | {nproc} | {max(peaks) / 1e9:.2f} | "
-                     f"{max(peaks) / max(one):.2f} | {sum(peaks) / 1e9:.2f} | {sum(peaks) / sum(one):.2f} |")
+        each = " ".join(f"{x / 1e9:.2f}" for x in peaks)
+        lines.append(f"| {script} | {'train 2 steps + export' if steps else 'eval-only'} | {nproc} | {each} | "
+                     f"{max(peaks) / 1e9:.2f} | {max(peaks) / max(one):.2f} | {sum(peaks) / 1e9:.2f} | "
+                     f"{sum(peaks) / sum(one):.2f} |")
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({f"{k[0]}-{k[1]}-{k[2]}": v for k, v in results.items()}))

@@ -7,7 +7,8 @@
     packing.py     the packed row: a prefix tree of sequences, attention within its segments (sdpa / FlexAttention)
     logprobs.py    the LM head on kept positions, chunked log-probs, collating (prompt, completion) sequences
     generation.py  sampling from softmax(logits / T) with one prefill per prompt, cut after the turn end
-    checkpoint.py  the run directory (lock, run.json, metrics.jsonl), the checkpoint format, the HF export
+    checkpoint.py  the run directory (lock, run.json, metrics.jsonl), the checkpoint format
+    export.py      the HF export (final/), streamed one tensor at a time: no process holds the whole model
     metrics.py     exact metric means across micro-batches and ranks, metrics.jsonl / wandb / the progress bar
     speed.py       tricks that change no number (each beside its plain path, tested equal)
 

@@ -28,11 +28,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from plumbing.models import BUNDLED_MODEL, quiet_peft
+from plumbing.models import BUNDLED_MODEL
 from plumbing.run import UserError, agree_on_error, barrier, first_error, is_main, os_error, print0
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What the loop calls: save, resume (with the fallback to an older checkpoint), export
+# What the loop calls: save, resume (with the fallback to an older checkpoint); the export is plumbing/export.py
 
 
 def dcp_state(model: nn.Module, optimizer, trainable_only: bool) -> dict:
@@ -89,42 +89,6 @@ def _rollback_metrics(output_dir: Path, step: int) -> None:
         rollback_metrics(output_dir, step)
     except UserError as e:  # rank 0's disk: every rank stops with it
         error = str(e)
-    agree_on_error(error)
-
-
-def export(output_dir: Path, model: nn.Module, hf_model: nn.Module, tokenizer, is_main: bool, say=print0) -> None:
-    """Final model in HF format (safetensors + tokenizer): AutoModelForCausalLM.from_pretrained(output_dir/final);
-    under LoRA the merged model, and final/adapter the adapter alone (PeftModel.from_pretrained). `hf_model` is the
-    part of `model` to export. The full state dict is gathered once (a collective under FSDP) and written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    error, final = "", Path(output_dir) / "final"
-    tmp = final.with_name("final.tmp")  # renamed when complete: final/ is whole or absent, like a checkpoint
-    if is_main:
-        hf = hf_model
-        prefix = next(n for n, m in model.named_modules() if m is hf)
-        prefix = prefix + "." if prefix else ""
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-export
-            if hasattr(hf, "peft_config"):
-                hf.save_pretrained(tmp / "adapter", state_dict=state)
-                hf, state = merged_lora_copy(hf, state), None
-            hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as h:
-                        os.fsync(h.fileno())
-            old = final.with_name(f"final.old{os.getpid()}")
-            if final.exists():  # exported before (a resumed run that ran on): swap, then drop the old one
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            say(f"exported {final}")
-        except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
-            error = write_failure("export failed:", tmp, e)
-            shutil.rmtree(tmp, ignore_errors=True)
     agree_on_error(error)
 
 
@@ -303,17 +267,6 @@ def release_lock(lock) -> None:
             if held is lock:
                 del _HELD_LOCKS[key]
         lock.close()  # closing the file drops the flock
-
-
-def merged_lora_copy(peft_model: nn.Module, state: dict) -> nn.Module:
-    """A CPU copy of a LoRA model with the adapters merged into the base weights (W + scale B A), built from the
-    gathered full state dict, so it works whether the live model is sharded or not."""
-    from peft import get_peft_model
-    base = peft_model.get_base_model()
-    with quiet_peft():
-        fresh = get_peft_model(type(base)(base.config), peft_model.peft_config["default"])
-    fresh.load_state_dict(state)
-    return fresh.merge_and_unload()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

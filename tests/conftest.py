@@ -318,3 +318,27 @@ def update_grads(trainer, micro_batches) -> dict:
     finally:
         trainer.optimizer.step, trainer.clip_gradients = step, clip
     return grads[0]
+
+
+def same_files(ours: Path, theirs: Path, skip=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                                "chat_template.jinja")):
+    """Every file save_pretrained wrote is in `ours` with the same bytes (JSON: the same content)."""
+    names = sorted(p.name for p in theirs.iterdir() if p.is_file() and p.name not in skip)
+    assert names and set(names) <= {p.name for p in ours.iterdir()}, (names, sorted(p.name for p in ours.iterdir()))
+    weights = lambda d: sorted(p.name for p in d.iterdir() if ".safetensors" in p.name)  # noqa: E731
+    assert weights(ours) == weights(theirs)  # no extra shard, no stray index
+    for name in names:
+        a, b = (ours / name).read_bytes(), (theirs / name).read_bytes()
+        if name.endswith(".json"):
+            a, b = json.loads(a), json.loads(b)
+            for d in (a, b):  # peft keeps target_modules in a set: its order is the process's string hashing's
+                if isinstance(d.get("target_modules"), list):
+                    d["target_modules"] = sorted(d["target_modules"])
+            assert a == b, name
+        else:
+            assert a == b, name
+
+
+def tensors(d: Path) -> dict:
+    from safetensors.torch import load_file
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}

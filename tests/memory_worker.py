@@ -5,7 +5,8 @@ actually took (for tests/test_memory.py):
     torchrun --nproc_per_node 2 tests/memory_worker.py OUT.json --strategy fsdp [dpo.py flags]
 
 load: resident memory after building the trainer minus before (parameters and reference); train: the peak of two
-training steps (VmHWM, reset first) minus the resident memory before them (gradients, AdamW state, gathered units).
+training steps (VmHWM, reset first) minus the resident memory before them (gradients, AdamW state, gathered units);
+export: the peak of the HF export (final/) minus the resident memory before it.
 """
 import gc
 import json
@@ -44,6 +45,13 @@ def worker():
     for _ in range(2):
         trainer.training_step()
     record = {"plan": trainer.memory_plan, "load": loaded - before, "train": status("VmHWM") - loaded}
+    gc.collect()
+    trained = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    trainer.export()
+    record |= {"export": status("VmHWM") - trained,
+               "largest_tensor": max(4 * p.numel() for p in trainer.model.parameters())}
     Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(json.dumps(record))
 
 

@@ -52,7 +52,9 @@ def test_memory_plan_matches_measured_memory(pairs_file, tmp_path):
     is the plan's parameters + reference, and the peak over two training steps is its gradients + AdamW (+ the
     gathered unit), each within -5% / +25% (load) and -5% / +50% (train: activations and optimizer temporaries are
     not planned); FSDP x2 takes at most 0.7x of one process per rank (0.5x of the planned state plus a gathered unit;
-    activations and temporaries do not shrink with ranks, and one process's own peak varies by ~0.1 GB run to run)."""
+    activations and temporaries do not shrink with ranks, and one process's own peak varies by ~0.1 GB run to run).
+    The export (final/) streams one tensor at a time: no rank, rank 0 included, holds the whole model (0.23 GB) for
+    it: each takes at most two copies of the largest tensor (the embedding, 25 MB) plus 40 MB."""
     _big_model(tmp_path / "model")
     flags = [f"--model={tmp_path / 'model'}", f"--dataset={pairs_file}", "--precision=fp32", "--batch-size=1",
              "--max-length=64", "--max-prompt-length=32", "--total-steps=2", "--eval-size=4", "--save-every=0",
@@ -75,6 +77,9 @@ def test_memory_plan_matches_measured_memory(pairs_file, tmp_path):
             load, train = p["parameters"] + p["reference"], p["gradients"] + p["adamw"] + p["gathered"]
             assert 0.95 * load <= m["load"] <= 1.25 * load, (name, m["load"] / GB, load / GB)
             assert 0.95 * train <= m["train"] <= 1.5 * train, (name, m["train"] / GB, train / GB)
+    for name, ranks in measured.items():
+        for rank, m in enumerate(ranks):
+            assert m["export"] <= 2 * m["largest_tensor"] + 40e6, (name, rank, m["export"] / GB)
     single = measured["single"][0]
     for m in measured["fsdp"]:
         ratio = (m["load"] + m["train"]) / (single["load"] + single["train"])

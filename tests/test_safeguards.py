@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plumbing import checkpoint
 from plumbing import models, run, sharding
 from common import UserError
 from conftest import ENV, ROOT, dpo_args, read_metrics, script_args, write_prompt_task
@@ -275,14 +274,15 @@ def test_no_such_reward_model_does_not_mention_omitting_model(tiny_model_dir, tm
         models.load_model("/no/such/rm", flag="--reward-model")
 
 
-def test_peft_wrapping_raises_no_future_warning(tiny_model_dir):
+def test_peft_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
     """peft reads a deprecated transformers property on every wrap: one FutureWarning per rank, per export."""
+    from plumbing.export import export_final
     model = models.load_model(tiny_model_dir)
     args = SimpleNamespace(lora_r=4, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = models.add_lora(model, args)
-        checkpoint.merged_lora_copy(peft_model, peft_model.state_dict())
+        export_final(tmp_path, peft_model, models.load_tokenizer(tiny_model_dir), True)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 
@@ -494,3 +494,33 @@ def test_lora_under_fsdp_runs_rl_scripts(tiny_model_dir, tmp_path, script):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_export_finishes_it(tiny_model_dir, pairs_file, tmp_path):
+    """SIGTERM while final.tmp/ is being written (one process; torchrun x2 under FSDP, the signal to torchrun, which
+    forwards it): the export finishes, final/ is whole and loads, no final.tmp/ is left, and the run says the signal
+    came as it ended; one process exits 0 (torchrun's agent reports a signal with its own exit code; its workers
+    finish within its 30 s grace)."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_flags
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        prefix = [sys.executable] if nproc == 1 else ["torchrun", "--nproc_per_node=2", "--master_port=29575"]
+        flags = tiny_flags(tiny_model_dir, pairs_file, out, total_steps=2, save_every=2)
+        p = subprocess.Popen(prefix + ["dpo.py", *flags] + (["--strategy=fsdp"] if nproc == 2 else []), cwd=ROOT,
+                             env=ENV | {"CLEANRL_RLHF_TEST_EXPORT_DELAY": "4"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        t0 = time.time()
+        while not (out / "final.tmp" / "model.safetensors").exists():
+            assert p.poll() is None and time.time() - t0 < 240, p.communicate()[1][-2000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+        if nproc == 1:
+            assert p.returncode == 0, stderr[-2000:]
+        assert f"exported {out / 'final'}" in stdout, (stdout[-2000:], stderr[-2000:])
+        assert "SIGTERM: came as the run was ending" in stdout, stdout[-2000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
+        AutoModelForCausalLM.from_pretrained(out / "final")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -70,6 +71,7 @@ from plumbing.logprobs import (  # noqa: F401
 from plumbing.models import (  # noqa: F401
     add_lora,  # LoRA adapters from the --lora-* flags (a no-op at --lora-r 0)
     base_of, load_model,  # the HF model under DDP / peft wrappers; load a model (fp32 weights, dropout off)
+    tokenizer_difference,  # '' if two tokenizers give the same ids for the same text, else the first difference
 )
 from plumbing.packing import (  # noqa: F401
     pack_prefix_tree, segment_forward,  # sequences -> one row, shared prefixes once; a forward on such a row
@@ -154,6 +156,7 @@ class BaseTrainer(ABC):
     summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
     samples_per_s_key = "samples_per_s"  # what a sample is called in the throughput metric
     state_flags: tuple[str, ...] = ()  # flags besides model and LoRA that change the saved state (run.json)
+    accumulation_splits_batch = False  # online scripts: --gradient-accumulation-steps splits --batch-size's prompts
 
     def __init__(self, args: TrainArgs):
         args.validate()
@@ -178,9 +181,10 @@ class BaseTrainer(ABC):
         self.scheduler = self.build_scheduler()
         self.global_step, self.nonfinite = 0, NonFiniteUpdates(args.skip_nonfinite_steps)
         self.run_log = RunLog(self.output_dir, self.dist.is_main)
+        self.window: MetricWindow | None = None  # the open log window (saved in checkpoints, restored on resume)
         # inputs validated: only now is anything written (the directory, its lock and run.json)
-        record = checkpoint.run_record(args, self.script_name, self.state_flags)  # what a resume must share
-        self.lock = checkpoint.open_run_dir(self.output_dir, record, args.resume, self.dist.is_main)
+        self.record = checkpoint.run_record(args, self.script_name, self.state_flags)  # what a resume must share
+        self.lock = checkpoint.open_run_dir(self.output_dir, self.record, args.resume, self.dist.is_main)
         if args.resume:
             try:
                 self.load_checkpoint()
@@ -347,7 +351,8 @@ class BaseTrainer(ABC):
                    f"{self.output_dir / 'final'} complete), nothing to resume")
 
     def _train(self, signalled: list) -> tuple[bool, dict | None, dict | None]:
-        a, first, last, window = self.args, None, None, MetricWindow()
+        a, first, last = self.args, None, None
+        self.window = self.window or MetricWindow()  # resumed: the window open at the checkpoint, restored
         if any_rank_signalled(signalled, self.device):  # while loading or resuming: stop before the eval
             return False, None, None
         if self.global_step == 0 and (first := self.evaluate()):  # no eval rows (--eval-size 0): nothing to log
@@ -359,14 +364,14 @@ class BaseTrainer(ABC):
             out = self.training_step()
             self.scheduler.step()  # the LR horizon counts steps (online: iterations)
             self.global_step += 1
-            window.add(out.metrics, out.num_samples, out.num_tokens)
+            self.window.add(out.metrics, out.num_samples, out.num_tokens)
             speed.watch_heap()  # a kept CPU heap that keeps growing is given back to glibc's policy
             self.on_step_end(out)
             self.run_log.bar.update(1)
             end = self.global_step == a.total_steps
             if self.global_step % a.log_every == 0 or end:
-                self._log_train(window)
-                window = None
+                self._log_train(self.window)
+                self.window = None
             if (a.eval_every and self.global_step % a.eval_every == 0) or end:
                 if last := self.evaluate():
                     self.log(last, "eval")
@@ -374,12 +379,10 @@ class BaseTrainer(ABC):
             if saved:
                 self.save_checkpoint()
             if not end and any_rank_signalled(signalled, self.device):
-                if window is not None and window.samples:  # flush: the resumed run's windows start after this step
-                    self._log_train(window)
-                if not saved:
+                if not saved:  # with the open window: the resumed run logs the record an uninterrupted one would
                     self.save_checkpoint()
                 return False, first, last
-            window = window or MetricWindow()  # started after eval/save: throughput counts training only
+            self.window = self.window or MetricWindow()  # started after eval/save: throughput counts training only
         return True, first, last
 
     def _log_train(self, window: MetricWindow) -> None:
@@ -388,18 +391,56 @@ class BaseTrainer(ABC):
 
     # --- checkpoints, export, and the rest of the plumbing (plumbing/) ----------------------------------------------
     def save_checkpoint(self) -> None:
+        window = (self.window or MetricWindow()).state(self.device)  # a collective: summed over ranks
         state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                  "world_size": self.dist.world_size, "wandb_id": self.run_log.wandb_id,
-                 "skipped_steps": self.nonfinite.skipped, "args": dataclasses.asdict(self.args)}
+                 "skipped_steps": self.nonfinite.skipped, "args": json.loads(json.dumps(dataclasses.asdict(self.args),
+                                                                                         default=str)),
+                 "record": self.record, "metric_window": window}
         checkpoint.save(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
                         self.args.keep_checkpoints, trainable_only=bool(self.args.lora_r))
 
     def load_checkpoint(self) -> None:
         state = checkpoint.resume(self.output_dir, self.model, self.optimizer, self.scheduler, self.dist.rank,
-                                  trainable_only=bool(self.args.lora_r))
+                                  trainable_only=bool(self.args.lora_r), check=self.check_resumed_flags)
         if state is not None:
             self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
             self.run_log.wandb_id, self.nonfinite.skipped = state.get("wandb_id"), state.get("skipped_steps", 0)
+            if state.get("metric_window"):  # the steps since the last record: the next record averages them too
+                self.window = MetricWindow.restore(state["metric_window"], self.dist.is_main)
+
+    def check_resumed_flags(self, state: dict, ckpt) -> None:
+        """--resume: one line naming every flag that differs from the checkpoint's; a change of a flag that changes
+        what is trained (any but RUN_FLAGS; --batch-size and accumulation only where the global batch changes) is
+        refused unless --allow-changed-flags. (Script, model, LoRA and state flags: the run record, already checked.)"""
+        saved = state.get("args")
+        if not isinstance(saved, dict):  # a checkpoint from before flags were saved
+            return
+        now = json.loads(json.dumps(dataclasses.asdict(self.args), default=str))
+        # the run record's (checked already), and those that differ on every resume
+        recorded = {"model", "lora_r", "lora_alpha", "lora_target_modules", *self.state_flags, "output_dir", "resume",
+                    "allow_changed_flags"}
+        shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+        changed, trained = [], []
+        for k, v in now.items():
+            if k in saved and k not in recorded and saved[k] != v:
+                changed.append(f"--{k.replace('_', '-')} {shown(saved[k])} -> {shown(v)}")
+                if k not in RUN_FLAGS and k not in ("batch_size", "gradient_accumulation_steps"):
+                    trained.append(changed[-1])
+        world = self.dist.world_size
+        rows = lambda f, w: f["batch_size"] * w * (1 if self.accumulation_splits_batch else
+                                                   f["gradient_accumulation_steps"])
+        if all(k in saved for k in ("batch_size", "gradient_accumulation_steps")):
+            before, after = rows(saved, state.get("world_size", world)), rows(now, world)
+            if before != after:  # another per-device batch on another world size may keep it: then nothing changed
+                per = "--batch-size x " + ("" if self.accumulation_splits_batch else "accumulation x ")
+                changed.append(f"global batch {before} -> {after} ({per}world size)")
+                trained.append(changed[-1])
+        if trained and not self.args.allow_changed_flags:
+            raise UserError(f"--resume: {', '.join(trained)} since {ckpt.name}: that changes what is trained; resume "
+                            f"with the checkpoint's values or pass --allow-changed-flags")
+        if changed:
+            print0(f"--resume: changed since {ckpt.name}: {', '.join(changed)}")
 
     def export(self) -> None:
         """The final model in HF format: AutoModelForCausalLM.from_pretrained(output_dir/final), streamed one tensor at
@@ -461,7 +502,9 @@ class TrainArgs:
     learning_rate: float = 1e-6
     """peak AdamW learning rate"""
     lr_scheduler: str = "linear"
-    """any name transformers.get_scheduler takes (linear, cosine, constant_with_warmup, ...)"""
+    """a transformers.get_scheduler schedule that needs only --warmup-steps and --total-steps: linear, cosine,
+    cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt (not reduce_lr_on_plateau,
+    warmup_stable_decay, cosine_with_min_lr, greedy: they need a metric or more settings)"""
     warmup_steps: int = 0
     """linear warm-up steps of the scheduler"""
     weight_decay: float = 0.0
@@ -502,6 +545,10 @@ class TrainArgs:
     """tolerate this many updates with a non-finite loss/gradient norm (skipped, counted); one more stops the run"""
     resume: bool = False
     """continue from the newest intact checkpoint in --output-dir (start fresh, and say so, if there is none)"""
+    allow_changed_flags: bool = False
+    """--resume with flags that change what is trained (--seed, --dataset, --learning-rate, --beta, the global
+    batch, ...) set otherwise than in the checkpoint; without it they are refused (flags that only manage the run,
+    such as --total-steps or --save-every, may always change; every change is named)"""
     trust_remote_code: bool = False
     """allow model repos to run their own code"""
     gather_for_generation: bool = False
@@ -528,6 +575,9 @@ class TrainArgs:
         check_flag(self, "weight_decay", self.weight_decay >= 0, "must be finite and >= 0")
         check_flag(self, "max_grad_norm", self.max_grad_norm >= 0, "must be finite and >= 0 (0 = no clipping)")
         check_flag(self, "lora_r", self.lora_r >= 0, "must be >= 0 (0 = off)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"--lr-scheduler {self.lr_scheduler}: not one of the schedules that need only warm-up "
+                            f"steps and a total ({', '.join(LR_SCHEDULERS)})")
         check_flag(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
         if self.lora_alpha is not None:
             check_flag(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
@@ -541,6 +591,21 @@ class TrainArgs:
         elif not 1 <= self.max_prompt_length <= limit:
             other = "--max-length" + (" - --max-new-tokens" if hasattr(self, "max_new_tokens") else "")
             raise UserError(f"--max-prompt-length {self.max_prompt_length}: must be in [1, {other} = {limit}]")
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+"""the transformers.get_scheduler names that run with warm-up steps and a total alone (tests/test_safeguards.py tries
+every name transformers knows)"""
+
+RUN_FLAGS = frozenset({
+    "total_steps", "output_dir", "resume", "allow_changed_flags", "log_every", "eval_every", "save_every",
+    "keep_checkpoints", "track", "wandb_project", "gather_for_generation", "skip_nonfinite_steps", "strategy",
+    "gradient_checkpointing", "trust_remote_code", "padding_free", "loss_chunk", "precompute_ref_logps",
+    "env_timeout"})
+"""flags that manage a run without changing what it trains (or change it only within float rounding: the layout,
+recomputation and sharding): --resume may change them, and names them. Everything else, --precision and --seed
+included, changes what is trained: --resume refuses a change unless --allow-changed-flags."""
 
 
 def check_flag(args, name: str, ok: bool, why: str) -> None:

@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 import tasks
 from common import (Batch, BaseTrainer, LossOutput, Mean, StepOutput, TrainArgs, UserError, add_lora, check_flag,
                     check_prompt, check_text, check_usable_rows, collate_completions, encode_prompt, kept_logits,
-                    label_logps, load_model, print0, run_main, tokenize_completions, use_segment_attention)
+                    label_logps, load_model, load_tokenizer, print0, run_main, tokenize_completions,
+                    tokenizer_difference, use_segment_attention)
 from rollout import sample
 
 
@@ -160,11 +161,20 @@ class DistillTrainer(BaseTrainer):
             self.init_reference(student)  # the teacher: the student at step 0 (under LoRA: adapters off)
             self.teacher_model = None
             return student
+        # the same tokenizer (the same ids for the same text), not merely as many rows: the loss compares
+        # distributions id by id
+        teacher_tok = load_tokenizer(a.teacher, a.trust_remote_code, self.dist.local_rank, flag="--teacher")
+        if why := tokenizer_difference(self.tokenizer, teacher_tok):
+            raise UserError(f"--teacher {a.teacher}: its tokenizer is not the student's ({why}); the teacher must "
+                            f"share the student's tokenizer")
         teacher = load_model(a.teacher, a.trust_remote_code, self.dist.local_rank, flag="--teacher", meta=self.fsdp)
-        v_s, v_t = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
-        if v_s != v_t:
-            raise UserError(f"--teacher {a.teacher}: vocabulary of {v_t} tokens, the student's has {v_s} (the teacher "
-                            f"must share the student's tokenizer)")
+        # embeddings padded past the tokenizer (Qwen2.5 0.5B: 151936 rows, 7B: 152064) are fine: rows that no token
+        # maps to are never used, and the loss compares the first `vocab` logits of both
+        rows = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+        self.vocab = min(rows)
+        if self.vocab < len(self.tokenizer):
+            raise UserError(f"--teacher {a.teacher}: {rows[1]} output rows (the student: {rows[0]}) for a tokenizer of "
+                            f"{len(self.tokenizer)} tokens: a model without a row for every token")
         if a.padding_free:
             use_segment_attention(teacher)
         self.teacher_model = self.freeze(teacher)  # placed, and under FSDP sharded, like the student
@@ -252,6 +262,9 @@ class DistillTrainer(BaseTrainer):
             teacher_logits = kept_logits(teacher, {k: t.get(f"teacher_{k}") for k in TEACHER_KEYS},
                                          batch.teacher_attention_segments)  # [N, V]
         student_logits = kept_logits(model, t, batch.attention_segments)  # [N, V]: the same tokens, the same order
+        if self.teacher_model is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
+            # padded embeddings: the rows past the tokenizer's tokens are never used (build_model)
+            student_logits, teacher_logits = student_logits[:, :self.vocab], teacher_logits[:, :self.vocab]
         per_token = generalized_jsd(student_logits, teacher_logits, a.beta, a.temperature, a.loss_chunk)  # [N]
         token_sum, n = per_token.sum(), len(per_token)
         with torch.no_grad():  # mean per-token log-probs of the completion tokens under the loss's distributions

@@ -250,6 +250,7 @@ def reward_std_over_ranks(rewards: torch.Tensor) -> torch.Tensor:
 
 class GRPOTrainer(BaseTrainer):
     script_name = "grpo"
+    accumulation_splits_batch = True  # --batch-size prompts per rollout, split into micro-batches
     summary_keys = ("reward", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

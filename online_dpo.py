@@ -95,6 +95,8 @@ class Args(TrainArgs, EpisodeArgs):
 
 class OnlineDPOTrainer(BaseTrainer):
     script_name = "online_dpo"
+    state_flags = ("reward_model",)  # the judge: recorded in run.json, a resume must use the same
+    accumulation_splits_batch = True  # --batch-size prompts per rollout, split into micro-batches
     summary_keys = ("reward", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

@@ -254,7 +254,8 @@ class ActorCritic(nn.Module):
 
 class PPOTrainer(BaseTrainer):
     script_name = "ppo"
-    state_flags = ("critic",)  # a separate critic is a second backbone in the saved state
+    state_flags = ("critic", "reward_model")  # a separate critic is a second backbone in the saved state
+    accumulation_splits_batch = True  # --batch-size prompts per rollout, split into micro-batches
     summary_keys = ("scores", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

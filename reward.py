@@ -130,15 +130,19 @@ class RewardTrainer(BaseTrainer):
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
         a = self.args
+        # FSDP: on the meta device, each rank later reads its own rows of the checkpoint (sharding.fill_meta_shards)
         classifier = load_model(a.model, a.trust_remote_code, self.dist.local_rank,
-                                auto_class=AutoModelForSequenceClassification, num_labels=1)
+                                auto_class=AutoModelForSequenceClassification, num_labels=1, meta=self.fsdp)
         archs = classifier.config.architectures or []
         model = RewardModel(classifier)
         if not any(x.endswith("ForSequenceClassification") for x in archs):  # a causal LM: the head is new
-            head = model.head()
-            nn.init.normal_(head.weight, std=1 / math.sqrt(classifier.config.hidden_size + 1))  # N+ detail
+            # N+ detail: std 1/sqrt(hidden + 1), drawn from a generator seeded by --seed: real values even on a meta
+            # model, the same head on one process and under FSDP
+            head, std = model.head(), 1 / math.sqrt(classifier.config.hidden_size + 1)
+            gen = torch.Generator().manual_seed(a.seed)
+            head.weight = nn.Parameter(torch.randn(head.weight.shape, generator=gen) * std)
             if head.bias is not None:
-                nn.init.zeros_(head.bias)
+                head.bias = nn.Parameter(torch.zeros(head.bias.shape))
         classifier.config.pad_token_id = self.tokenizer.pad_token_id  # ppo.py and HF pooling read it
         # scored at the last token (not HF pooling's last non-pad one): ppo.py --reward-model reads this flag
         classifier.config.reward_at_last_token = True

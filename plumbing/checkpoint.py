@@ -1,10 +1,12 @@
 """What a run keeps on disk, and how it survives a kill or a full disk.
 
 The run directory: runs/<script>-<time>/ holds run.json (what the run was started with; --resume must match it),
-run.lock (an flock while a run uses it), metrics.jsonl (whole lines only), checkpoints/ and final/.
+run.lock (who holds the directory's flock while a run uses it), metrics.jsonl (whole lines only), checkpoints/ and
+final/.
 
-checkpoints/step_N/ = dcp/ (model + optimizer, resharded on load), scheduler.pt, rng_rank*.pt, trainer_state.json,
-then manifest.json (size and crc32 of every file), then COMPLETE. Written to step_N.tmp/, fsynced, renamed; a failed
+checkpoints/step_N/ = dcp/ (model + optimizer, resharded on load), scheduler.pt, rng_rank*.pt, trainer_state.json
+(the step, the data position, the flags, the run record, the open metric window), then manifest.json (size and crc32
+of every file), then COMPLETE. Written to step_N.tmp/, fsynced, renamed; a failed
 write removes the .tmp and stops the run with one line; older checkpoints stay. Everything is read back with
 `torch.load(weights_only=True)`.
 """
@@ -54,16 +56,25 @@ def save(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, st
                      keep)
 
 
-def resume(output_dir: Path, model: nn.Module, optimizer, scheduler, rank: int, trainable_only: bool) -> dict | None:
+def resume(output_dir: Path, model: nn.Module, optimizer, scheduler, rank: int, trainable_only: bool,
+           check=None) -> dict | None:
     """Load the newest complete checkpoint that passes its manifest and loads (a damaged one is named and the
     previous one tried) into model, optimizer, scheduler and this rank's RNG; drop the metrics records it will write
-    again. -> its saved `state`, or None (said) when there is no checkpoint: a fresh start."""
+    again. `check(state, ckpt)` may refuse the checkpoint's saved state (UserError) before anything is loaded or
+    rewritten. -> its saved `state`, or None (said) when there is no checkpoint: a fresh start."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     for ckpt in reversed(complete_checkpoints(output_dir)):
         loaded = read_checkpoint(ckpt, dcp_state(model, optimizer, trainable_only), rank)
         if loaded is None:
             continue
         dcp_loaded, scheduler_state, state, rng = loaded
+        if check is not None:
+            error = ""
+            try:
+                check(state, ckpt)
+            except UserError as e:
+                error = str(e)
+            agree_on_error(error)
         set_state_dict(model, optimizer, model_state_dict=dcp_loaded["model"],
                        optim_state_dict=dcp_loaded["optimizer"], options=StateDictOptions(strict=False))
         scheduler.load_state_dict(scheduler_state)
@@ -165,10 +176,17 @@ def run_record(args, script: str, state_flags: tuple[str, ...] = ()) -> dict:
     the script's `state_flags` (world-size-independent flags that change the saved state's shape)."""
     lora = {"lora_r": args.lora_r, "lora_alpha": (args.lora_alpha or 2 * args.lora_r) if args.lora_r else None,
             "lora_target_modules": sorted(args.lora_target_modules or ["all-linear"]) if args.lora_r else None}
-    model = Path(args.model).expanduser()
-    model = str(model.resolve()) if args.model != BUNDLED_MODEL and model.exists() else args.model
-    flags = {name: getattr(args, name) for name in state_flags}
-    return json.loads(json.dumps({"script": script, "model": model} | lora | flags, default=str))
+    flags = {name: _resolved(getattr(args, name)) if name in MODEL_FLAGS else getattr(args, name)
+             for name in state_flags}
+    return json.loads(json.dumps({"script": script, "model": _resolved(args.model)} | lora | flags, default=str))
+
+
+MODEL_FLAGS = ("reward_model",)  # state flags naming a model: recorded as absolute paths, like --model
+
+
+def _resolved(model: str | None) -> str | None:
+    path = Path(model).expanduser() if model else None
+    return str(path.resolve()) if path is not None and model != BUNDLED_MODEL and path.exists() else model
 
 
 def open_run_dir(out: Path, record: dict, resume: bool, is_main: bool):
@@ -184,10 +202,25 @@ def open_run_dir(out: Path, record: dict, resume: bool, is_main: bool):
     return lock
 
 
-def claim_output_dir(out: Path, record: dict, resume: bool):
+class RunLock:
+    """The flock a run holds on its output directory itself (an fd of the directory, which cannot be deleted from
+    under the run as a lock file could); run.lock only describes the holder (pid, host) for the message of a second
+    run. Closing the fd, or the process ending however it ends, drops the lock."""
+
+    def __init__(self, fd: int):
+        self.fd, self.closed = fd, False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def claim_output_dir(out: Path, record: dict, resume: bool) -> RunLock:
     """Rank 0, once the inputs are validated: create the run directory, lock it (one run at a time) and check or
-    record what the run was started with (run.json). -> the open lock file: the lock lasts while it is open, and
-    the OS drops it when the process ends however it ends, so a killed run never blocks the next one."""
+    record what the run was started with (run.json; without a readable one, the newest checkpoint's copy of it).
+    -> the lock: it lasts while it is open, and the OS drops it when the process ends however it ends, so a killed
+    run never blocks the next one."""
     import fcntl
     import socket
     key = out.resolve()
@@ -195,24 +228,23 @@ def claim_output_dir(out: Path, record: dict, resume: bool):
     if lock is None or lock.closed:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / "run.lock", "a+")
+            lock = RunLock(os.open(out, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as e:
             raise os_error("--output-dir", out, e) from None
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
             lock.close()
-            raise UserError(f"--output-dir {out}: another run ({holder}) is using it; wait for it to end or choose "
-                            f"another --output-dir") from None
+            try:
+                holder = (out / "run.lock").read_text().strip()
+            except OSError:  # deleted (or unreadable): the lock itself still holds
+                holder = ""
+            raise UserError(f"--output-dir {out}: another run ({holder or 'another process'}) is using it; wait for "
+                            f"it to end or choose another --output-dir") from None
         except OSError as e:  # a filesystem without flock (some network mounts): run unlocked rather than never
-            print0(f"warning: cannot lock {out / 'run.lock'} ({e.strerror}); make sure no other run uses {out}")
+            print0(f"warning: cannot lock {out} ({e.strerror}); make sure no other run uses it")
         try:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            lock.flush()
+            (out / "run.lock").write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
         except OSError as e:
             lock.close()
             raise os_error("--output-dir", out, e) from None
@@ -223,17 +255,8 @@ def claim_output_dir(out: Path, record: dict, resume: bool):
             raise UserError(f"--output-dir {out}: already holds a run; pass --resume to continue it or choose "
                             f"another --output-dir (nothing was overwritten)")
         saved_path = out / "run.json"
-        if resume and saved_path.exists():
-            try:
-                saved = json.loads(saved_path.read_text())
-            except (OSError, ValueError):
-                saved = None
-            if not isinstance(saved, dict):
-                raise UserError(f"{saved_path}: unreadable (what this run was started with); restore it or move the "
-                                f"run away")
-            check_run_record(out, saved, record)
-            if all(saved.get(k) == v for k, v in record.items()):
-                return lock
+        if resume and _check_resumed_record(out, saved_path, record):
+            return lock
         tmp = saved_path.with_name(f"run.json.tmp{os.getpid()}")
         try:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -247,18 +270,52 @@ def claim_output_dir(out: Path, record: dict, resume: bool):
     return lock
 
 
-def check_run_record(out: Path, saved: dict, record: dict) -> None:
+def _check_resumed_record(out: Path, saved_path: Path, record: dict) -> bool:
+    """--resume: the run there must be this one (check_run_record), judged by run.json, or when that is missing,
+    unreadable or empty by the record saved in its newest checkpoint (then run.json is rewritten, and said); a run
+    from before run records resumes unchecked with a warning. -> whether run.json is right as it is."""
+    saved, why = None, "is missing"
+    if saved_path.exists():
+        try:
+            saved = json.loads(saved_path.read_text())
+            why = "is empty" if saved == {} else "is not a JSON object"
+        except (OSError, ValueError):
+            why = "is unreadable"
+    if isinstance(saved, dict) and saved:
+        check_run_record(out, saved, record, "run.json")
+        return all(saved.get(k) == v for k, v in record.items())
+    ckpts = complete_checkpoints(out)
+    if not ckpts:
+        if why in ("is unreadable", "is not a JSON object"):
+            raise UserError(f"{saved_path}: unreadable (what this run was started with); restore it or move the run "
+                            f"away")
+        return False  # nothing saved to continue: the run starts fresh and records itself
+    for ckpt in reversed(ckpts):
+        try:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint: the next older one has the same record
+        if isinstance(state, dict) and isinstance(state.get("record"), dict):
+            check_run_record(out, state["record"], record, f"{ckpt.name}/trainer_state.json")
+            print0(f"{saved_path} {why}: checked against the record in {ckpt.name}/trainer_state.json and rewritten")
+            return False
+    print0(f"warning: {saved_path} {why} and no checkpoint holds a run record (a run from before run records): "
+           f"resuming without checking the script, model and LoRA it was started with; run.json rewritten")
+    return False
+
+
+def check_run_record(out: Path, saved: dict, record: dict, where: str = "run.json") -> None:
     """--resume continues the run that is there: the same script, model, LoRA and state-shaping flags, or one line
     naming both values (the saved weights would not fit, or would silently be another run's)."""
     if saved.get("script", record["script"]) != record["script"]:
-        raise UserError(f"--output-dir {out}: holds a {saved['script']}.py run (run.json); {record['script']}.py "
+        raise UserError(f"--output-dir {out}: holds a {saved['script']}.py run ({where}); {record['script']}.py "
                         f"cannot resume it. Start a new run, e.g. with --model {out / 'final'}")
     shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
     for key, value in record.items():
         if key in saved and saved[key] != value:
             flag = f"--{key.replace('_', '-')}"
             raise UserError(f"--resume: {flag} {shown(value)}, but {out} was started with {flag} {shown(saved[key])} "
-                            f"(its run.json); resume with the same {flag} or choose another --output-dir")
+                            f"(its {where}); resume with the same {flag} or choose another --output-dir")
 
 
 def release_lock(lock) -> None:
@@ -266,7 +323,7 @@ def release_lock(lock) -> None:
         for key, held in list(_HELD_LOCKS.items()):
             if held is lock:
                 del _HELD_LOCKS[key]
-        lock.close()  # closing the file drops the flock
+        lock.close()  # closing the directory's fd drops the flock
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,29 @@ class MetricWindow:
         """This window's metrics as (total, count), to be added to another window exactly."""
         return {k: (self.totals[k], self.counts[k]) for k in self.totals}
 
+    def state(self, device) -> dict:
+        """The window summed over ranks (one all-reduce; every rank holds the same keys), for a checkpoint: restored
+        on one rank (`restore`), a resumed run's next record averages exactly the steps an uninterrupted run's does."""
+        keys = sorted(self.totals)
+        values = [self.totals[k] for k in keys] + [self.counts[k] for k in keys] + [self.samples, self.tokens]
+        vec = torch.tensor(values, dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        v, n = vec.tolist(), len(keys)
+        return {"totals": dict(zip(keys, v[:n])), "counts": dict(zip(keys, v[n:2 * n])), "samples": v[-2],
+                "tokens": v[-1], "elapsed": time.perf_counter() - self.start}
+
+    @classmethod
+    def restore(cls, state: dict, is_main: bool) -> MetricWindow:
+        """A saved window: its sums on rank 0, zeros under the same keys elsewhere (reduce sums over ranks); its
+        clock as if it had run on."""
+        w = cls()
+        w.totals = {k: float(v) if is_main else 0.0 for k, v in state["totals"].items()}
+        w.counts = {k: float(v) if is_main else 0.0 for k, v in state["counts"].items()}
+        w.samples, w.tokens = (float(state["samples"]), float(state["tokens"])) if is_main else (0.0, 0.0)
+        w.start -= float(state.get("elapsed", 0.0))
+        return w
+
     def reduce(self, device, rates: bool = True, samples_per_s: str = "samples_per_s") -> dict[str, float]:
         keys = sorted(self.totals)
         values = [self.totals[k] for k in keys] + [self.counts[k] for k in keys] + [self.samples, self.tokens]

@@ -72,17 +72,35 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int = 0):
+def load_tokenizer(name: str, trust_remote_code: bool = False, local_rank: int = 0, flag: str = "--model"):
     """The model's tokenizer; a missing pad token becomes EOS (masks are built from lengths, never from pad ids)."""
     from transformers import AutoTokenizer
-    path = resolve_model_path(name, local_rank)
+    path = resolve_model_path(name, local_rank, flag)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - a damaged directory fails in many types (OSError, ValueError, TypeError)
-        raise UserError(f"--model {name}: could not load a tokenizer ({first_line(e)})") from None
+        raise UserError(f"{flag} {name}: could not load a tokenizer ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_difference(tok, other) -> str:
+    """'' if two tokenizers turn text into the same ids (the same vocabulary mapping, added tokens included, and
+    the same special tokens), else the first difference found."""
+    a, b = tok.get_vocab(), other.get_vocab()
+    if a != b:
+        if len(a) != len(b):
+            return f"{len(b)} tokens, not {len(a)}"
+        token = next(t for t in sorted(a) if b.get(t) != a[t])
+        return f"{token!r} is id {b.get(token)}, not {a[token]}"
+    for name in ("bos_token", "eos_token", "unk_token"):
+        if getattr(tok, name) != getattr(other, name):
+            return f"its {name} is {getattr(other, name)!r}, not {getattr(tok, name)!r}"
+    special = lambda t: sorted(i for i, x in t.added_tokens_decoder.items() if x.special)
+    if special(tok) != special(other):
+        return f"its special tokens are ids {special(other)}, not {special(tok)}"
+    return ""
 
 
 def end_of_turn_ids(tok, model: str | None = None) -> list[int]:

@@ -157,19 +157,19 @@ def fill_meta_shards(models: list[nn.Module], device: torch.device) -> None:
                 if p is not None and p.is_meta:
                     holders.setdefault(id(p), []).append((module, name, keys.get(name), source))
     error, indexes, whole = "", {}, {}  # whole: the fallback, source -> full state dict, loaded once
+    current = None  # the source being read: the error names its flag and path (--model, --teacher, ...)
     try:
         for found in holders.values():
             for _, _, _, source in found:
                 if source is not None and source not in indexes:
+                    current = source
                     indexes[source] = _safetensors_index(source[0])
         for found in holders.values():
+            current = next((s for _, _, _, s in found if s is not None), current)
             _fill_one(found, indexes, whole, device)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:  # safetensors, torch.load: their own error types
-        source = next((s for f in holders.values() for _, _, _, s in f if s is not None), None)
-        error = f"{source[3] if source else '--model'} {source[0] if source else ''}: could not load its weights " \
-                f"({first_line(e)})"
-    except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
-        error = f"could not load the model's weights ({first_line(e)})"
+    except Exception as e:  # noqa: BLE001 - safetensors (SafetensorError), torch.load, pickle: their own types
+        error = f"{current[3]} {current[0]}: could not load its weights ({first_line(e)})" if current else \
+            f"could not load the model's weights ({first_line(e)})"
     agree_on_error(error)
 
 

@@ -42,6 +42,22 @@ def build_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def big_teacher_dir(d: Path) -> tuple[Path, int, int]:
+    """A 39M-parameter Llama sharing the tiny model's tokenizer (a teacher far bigger than the tiny student) ->
+    (its directory, its parameters, one decoder layer's parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=12,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+                      bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.model.layers[0].parameters())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_model")

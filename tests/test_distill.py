@@ -173,8 +173,77 @@ def test_bad_flags_are_one_line(tiny_model_dir, other_teacher, rows_file, tmp_pa
             DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", **kw))
     small = tmp_path_factory.mktemp("small_vocab")
     build_model(50).save_pretrained(small)
-    with pytest.raises(UserError, match=r"--teacher .*: vocabulary of 50 tokens, the student's has"):
+    build_tokenizer().save_pretrained(small)
+    with pytest.raises(UserError, match=r"--teacher .*: 50 output rows \(the student: 257\) for a tokenizer of 257 "
+                                        r"tokens"):
         DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o2", teacher=str(small)))
+
+
+def permuted_tokenizer():
+    """build_tokenizer's tokens and size, other ids: each byte's id reversed (text -> other ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from conftest import CHAT_TEMPLATE
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True)
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_teacher_tokenizer_is_compared_not_its_row_count(tiny_model_dir, other_teacher, rows_file, tmp_path):
+    """A teacher with the student's tokenizer and an embedding padded to 320 rows (as Qwen2.5 7B's is beside 0.5B's)
+    trains, with the loss of the same teacher unpadded (the extra rows are never used); a teacher of the same size
+    whose tokenizer maps text to other ids is one line naming --teacher."""
+    from transformers import AutoModelForCausalLM
+    padded = tmp_path / "padded"
+    model = AutoModelForCausalLM.from_pretrained(other_teacher)
+    model.resize_token_embeddings(320, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[257:] = 5.0  # rows no token maps to: they would dominate the softmax
+    model.save_pretrained(padded)
+    build_tokenizer().save_pretrained(padded)
+    losses = []
+    for teacher in (other_teacher, str(padded)):
+        trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / f"o{len(losses)}", teacher=teacher,
+                                              lmbda=0.0, total_steps=2))
+        losses.append(float(trainer.training_step().metrics["loss"].total))
+        trainer.release_output_dir()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o2", teacher=str(padded),
+                                          lmbda=0.5, total_steps=2))
+    trainer.train()
+    assert (tmp_path / "o2" / "final" / "config.json").exists()
+
+    other = tmp_path / "other_ids"
+    AutoModelForCausalLM.from_pretrained(other_teacher).save_pretrained(other)
+    permuted_tokenizer().save_pretrained(other)
+    with pytest.raises(UserError, match=r"^--teacher .*other_ids: its tokenizer is not the student's \('.' is id \d+, "
+                                        r"not \d+\); the teacher must share the student's tokenizer$"):
+        DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o3", teacher=str(other)))
+    assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_plan_counts_the_teacher_at_its_own_size(tiny_model_dir, rows_file, tmp_path, precision):
+    """A 39M teacher beside the tiny student: the plan's frozen models are the teacher's bytes (fp32, or under bf16
+    its Linear weights in bf16 and its embedding in fp32), not another copy of the student's. FSDP (sharded bytes,
+    the teacher's largest unit gathered): tests/test_safeguards.py's torchrun launch."""
+    from conftest import big_teacher_dir
+    teacher, n, _ = big_teacher_dir(tmp_path / "teacher")
+    trainer = DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o", teacher=str(teacher),
+                                          precision=precision, total_steps=0))
+    embedding = trainer.teacher_model.get_input_embeddings().weight.numel()
+    want = 4 * n if precision == "fp32" else 4 * embedding + 2 * (n - embedding)
+    assert trainer.memory_plan["reference"] == pytest.approx(want)
+    assert trainer.memory_plan["gathered"] == 0
+    student = sum(p.numel() for p in trainer.model.parameters())
+    assert trainer.memory_plan["parameters"] == pytest.approx(4 * student)
+    trainer.release_output_dir()
 
 
 def test_torchrun_gradients_and_metrics_equal_one_process(sharp_model_dir, tmp_path):

@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plumbing import models, run, sharding
+from plumbing import checkpoint, models, run, sharding
 from common import UserError
-from conftest import ENV, ROOT, dpo_args, read_metrics, script_args, write_prompt_task
+from conftest import ENV, ROOT, big_teacher_dir, dpo_args, read_metrics, script_args, write_prompt_task
 from dpo import DPOTrainer, main as dpo_main
 
 
@@ -213,22 +214,25 @@ def test_another_script_cannot_resume_a_run(saved, tiny_model_dir, tmp_path, mon
 
 
 def test_a_locked_output_dir_is_one_line_and_a_stale_lock_is_not(tiny_model_dir, pairs_file, tmp_path):
-    """Another live run holds run.lock: one line naming it, nothing written. Once it is gone (its lock file stays,
-    as after a kill -9), the next run goes ahead; a finished run leaves the directory unlocked."""
+    """Another live run holds the directory (run.lock names it): one line naming it, nothing written. Once it is gone
+    (its run.lock stays, as after a kill -9), the next run goes ahead; a finished run leaves the directory
+    unlocked."""
     run = tmp_path / "run"
     run.mkdir()
-    other = open(run / "run.lock", "a+")  # another process's open file description: flock conflicts with it
-    other.write("pid 4242 on elsewhere\n")
-    other.flush()
+    other = os.open(run, os.O_RDONLY)  # another process's open file description: flock conflicts with it
+    (run / "run.lock").write_text("pid 4242 on elsewhere\n")
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with pytest.raises(UserError, match=r"^--output-dir .*run: another run \(pid 4242 on elsewhere\) is using it"):
         DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run))
     assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
-    other.close()  # the holder dies: the file stays, the lock goes
+    os.close(other)  # the holder dies: the file stays, the lock goes
     dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2))
     assert (run / "final" / "model.safetensors").exists()
-    with open(run / "run.lock") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit: this would raise if still held
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit: this would raise if still held
+    finally:
+        os.close(fd)
 
 
 # --- models and exports ---------------------------------------------------------------------------------------------
@@ -524,3 +528,342 @@ def test_sigterm_during_the_export_finishes_it(tiny_model_dir, pairs_file, tmp_p
         assert "Traceback" not in stderr, stderr[-3000:]
         assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
         AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+# --- bad input that used to pass: --eval-dataset beside a built-in task, assistant-first prompts, empty lists ---------
+
+
+def _builtin_task_args(script: str, model: str, out: Path, **kw):
+    """Args of kto / distill / dpo / grpo on the built-in arithmetic task, tiny model, in-process."""
+    import importlib
+    base = dict(model=model, dataset="arithmetic", output_dir=str(out), precision="fp32", batch_size=2,
+                total_steps=1, learning_rate=1e-3, max_length=64, seed=3)
+    if script == "grpo":
+        base |= dict(num_generations=2, max_new_tokens=4)
+    if script == "distill":
+        base |= dict(teacher=model, max_new_tokens=4)
+    module = importlib.import_module(script)
+    trainer = {"kto": "KTOTrainer", "distill": "DistillTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}[script]
+    return getattr(module, trainer), module.Args(**(base | kw))
+
+
+@pytest.mark.parametrize("script", ["kto", "distill", "dpo", "grpo"])
+def test_eval_dataset_beside_a_builtin_task_is_read(tiny_model_dir, tmp_path, script):
+    """--dataset arithmetic --eval-dataset FILE: a missing file, or one whose last line a kill cut short, is one line
+    naming it (it was silently ignored for the task's own held-out split); nothing is written."""
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps({"prompt": "1 + 1?", "completion": "2", "label": True, "chosen": "2",
+                                "rejected": "3"}) + '\n{"prompt": "2 + 2?", "compl')
+    for path, match in [(tmp_path / "missing.jsonl", r"missing\.jsonl: no such file$"),
+                        (torn, r"torn\.jsonl:2: malformed JSON")]:
+        trainer, args = _builtin_task_args(script, tiny_model_dir, tmp_path / "run", eval_dataset=str(path))
+        with pytest.raises(UserError, match=match) as e:
+            trainer(args)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+ASSISTANT_FIRST = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "2 + 3?"}]
+
+
+@pytest.mark.parametrize("script", ["kto", "distill", "dpo"])
+def test_a_prompt_that_starts_with_an_assistant_turn_is_one_line(tiny_model_dir, tmp_path, script):
+    good = [{"role": "user", "content": "1 + 1?"}]
+    rows = [{"prompt": p, "completion": [{"role": "assistant", "content": "5"}], "label": True,
+             "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "6"}]}
+            for p in (good, good, ASSISTANT_FIRST, good)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer, args = _builtin_task_args(script, tiny_model_dir, tmp_path / "run", dataset=str(data), eval_size=0)
+    with pytest.raises(UserError, match=r"rows\.jsonl:3: field 'prompt' starts with an assistant turn"):
+        trainer(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_list_completion_says_so(tiny_model_dir, tmp_path):
+    from plumbing.data import check_text
+    with pytest.raises(UserError, match=r"^rows\.jsonl:4: field 'completion' is an empty list \(expected a string or "
+                                        r"a list of messages\)$"):
+        check_text("rows.jsonl:4", "completion", [], roles=("assistant",))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 1?", "completion": " 2"}) + "\n" +
+                    json.dumps({"prompt": "2 + 2?", "completion": []}) + "\n")
+    from sft import SFTTrainer
+    with pytest.raises(UserError, match=r"rows\.jsonl:2: field 'completion' is an empty list"):
+        SFTTrainer(script_args("sft", tiny_model_dir, str(data), tmp_path / "run", eval_size=0, batch_size=1))
+
+
+def test_mistyped_relative_path_is_one_line_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    """`--model nope/model` (a path without ./) and `--teacher nope/teacher` with no hub to ask: one line within
+    seconds, not ~50 s of retries as a hub id. The hub is 'unreachable' twice: offline mode, and an endpoint whose
+    host refuses connections."""
+    from distill import DistillTrainer
+    from huggingface_hub import constants
+    monkeypatch.chdir(tmp_path)  # no nope/ here
+    for offline, endpoint in [(True, constants.ENDPOINT), (False, "https://127.0.0.1:9")]:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        t0 = time.time()
+        with pytest.raises(UserError, match=r"^--model nope/model: no such directory, and no hub id of that name in "
+                                            r"the local hub cache"):
+            DPOTrainer(dpo_args("nope/model", "arithmetic", tmp_path / "r1"))
+        _, args = _builtin_task_args("distill", tiny_model_dir, tmp_path / "r2", teacher="nope/teacher")
+        with pytest.raises(UserError, match=r"^--teacher nope/teacher: no such directory, and no hub id of that name"):
+            DistillTrainer(args)
+        assert time.time() - t0 < 8
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_lr_schedulers_are_checked_up_front(tiny_model_dir, pairs_file, tmp_path):
+    """Every name transformers.get_scheduler knows is tried with warm-up steps and a total: the ones that run are
+    exactly the accepted ones; the others (reduce_lr_on_plateau: a TypeError at step 1 after run.json and metrics
+    were written) are one line listing the accepted ones, before anything is written."""
+    from transformers import SchedulerType, get_scheduler
+    works = []
+    for name in SchedulerType:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        try:
+            sched = get_scheduler(name.value, opt, num_warmup_steps=2, num_training_steps=10)
+            for _ in range(3):
+                opt.step()
+                sched.step()
+        except Exception:  # a TypeError (a metric to step on, a setting to give), a ValueError
+            continue
+        works.append(name.value)
+    refused = sorted({s.value for s in SchedulerType} - set(works))
+    assert {"reduce_lr_on_plateau", "warmup_stable_decay", "greedy"} <= set(refused) and "linear" in works
+    for name in refused:
+        with pytest.raises(UserError, match=rf"^--lr-scheduler {name}: not one of the schedules that need only "
+                                            rf"warm-up steps and a total \(linear, cosine, "):
+            DPOTrainer(dpo_args(tiny_model_dir, pairs_file, tmp_path / "run", lr_scheduler=name, warmup_steps=2))
+    assert not (tmp_path / "run").exists()
+    from common import LR_SCHEDULERS
+    assert sorted(works) == sorted(LR_SCHEDULERS)  # the accepted ones are exactly those that run
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, tmp_path / "ok", lr_scheduler="inverse_sqrt", warmup_steps=1,
+                      total_steps=2))
+
+
+# --- the run's record: run.json lost, flags changed on --resume, the lock ---------------------------------------------
+
+
+def _rewrite_trainer_state(ckpt: Path, edit) -> None:
+    """Edit a checkpoint's trainer_state.json and keep its manifest true (as a checkpoint written so would be)."""
+    path = ckpt / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["trainer_state.json"] = [path.stat().st_size, checkpoint.file_crc32(path)]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_lost_run_json_is_checked_against_the_checkpoint_then_rewritten(saved, tiny_model_dir, pairs_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    """run.json deleted or replaced by {}: another script or model is still refused (one line naming the
+    checkpoint's record, nothing written); the run itself resumes and run.json is rewritten, and said. A run from
+    before run records (none in run.json or its checkpoints) resumes with a one-line warning."""
+    from grpo import Args, GRPOTrainer
+    task = _task(tmp_path)
+    monkeypatch.syspath_prepend(str(task))
+    record = json.loads((saved / "run.json").read_text())
+    for damage in ("deleted", "empty"):
+        run = tmp_path / damage
+        shutil.copytree(saved, run)
+        if damage == "deleted":
+            (run / "run.json").unlink()
+        else:
+            (run / "run.json").write_text("{}")
+        before = snapshot(run)
+        args = Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"],
+                    output_dir=str(run), precision="fp32", batch_size=2, num_generations=2, total_steps=4,
+                    max_length=48, max_new_tokens=4, resume=True)
+        with pytest.raises(UserError, match=r"^--output-dir .*: holds a dpo\.py run \(step_00000002/trainer_state\."
+                                            r"json\); grpo\.py cannot resume it"):
+            GRPOTrainer(args)
+        other = str(shutil.copytree(tiny_model_dir, tmp_path / f"other_{damage}"))
+        with pytest.raises(UserError, match=r"^--resume: --model .*other_\w+, but .* was started with --model .*tiny_"
+                                            r"model\d* \(its step_00000002/trainer_state\.json\)"):
+            DPOTrainer(dpo_args(other, pairs_file, run, total_steps=3, resume=True))
+        assert snapshot(run) == before
+        capsys.readouterr()
+        dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=3, resume=True))
+        out = capsys.readouterr().out
+        assert f"run.json {'is missing' if damage == 'deleted' else 'is empty'}: checked against the record in " \
+               f"step_00000002/trainer_state.json and rewritten" in out
+        assert json.loads((run / "run.json").read_text()) == record
+    run = tmp_path / "old"
+    shutil.copytree(saved, run)
+    (run / "run.json").unlink()
+    _rewrite_trainer_state(run / "checkpoints" / "step_00000002", lambda s: s.pop("record"))
+    capsys.readouterr()
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=3, resume=True))
+    out = capsys.readouterr().out
+    assert "warning: " in out and "no checkpoint holds a run record" in out and "resumed from" in out
+    assert json.loads((run / "run.json").read_text()) == record
+
+
+def test_resume_names_changed_flags_and_refuses_those_that_change_training(saved, tiny_model_dir, pairs_file,
+                                                                          tmp_path, capsys):
+    """--seed, --beta, --loss-type, --dataset, --precision, the global batch: refused in one line naming each, the
+    directory untouched, unless --allow-changed-flags; run-management flags (--total-steps, --log-every) and another
+    per-device batch at the same global batch are named and go ahead."""
+    other_data = shutil.copy(pairs_file, tmp_path / "other_pairs.jsonl")
+    cases = [(dict(seed=4), r"--seed 3 -> 4"), (dict(beta=0.2, loss_type="ipo"), r"--beta 0\.1 -> 0\.2, --loss-type "
+                                                                                   r"sigmoid -> ipo"),
+             (dict(precision="bf16"), r"--precision fp32 -> bf16"), (dict(batch_size=2), r"global batch 4 -> 2")]
+    for kw, match in cases:
+        run = tmp_path / f"run{len(kw)}{next(iter(kw))}"
+        shutil.copytree(saved, run)
+        before = snapshot(run)
+        with pytest.raises(UserError, match=rf"^--resume: .*{match}.* since step_00000002: that changes what is "
+                                            r"trained; resume with the checkpoint's values or pass "
+                                            r"--allow-changed-flags$"):
+            DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run, total_steps=4, resume=True, **kw))
+        assert snapshot(run) == before
+    run = tmp_path / "data"
+    shutil.copytree(saved, run)
+    with pytest.raises(UserError, match=r"--dataset .*pairs\.jsonl -> .*other_pairs\.jsonl"):
+        DPOTrainer(dpo_args(tiny_model_dir, str(other_data), run, total_steps=4, resume=True))
+    capsys.readouterr()
+    dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=3, log_every=2, resume=True, batch_size=2,
+                      gradient_accumulation_steps=2))
+    assert "--resume: changed since step_00000002: --total-steps 2 -> 3, --batch-size 4 -> 2, " \
+           "--gradient-accumulation-steps 1 -> 2, --log-every 1 -> 2, --save-every 2 -> 0\n" in capsys.readouterr().out
+    run = tmp_path / "allowed"
+    shutil.copytree(saved, run)
+    t = dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=3, save_every=2, resume=True, seed=4,
+                          allow_changed_flags=True))
+    assert t.global_step == 3
+    assert "--resume: changed since step_00000002: --seed 3 -> 4, --total-steps 2 -> 3\n" in capsys.readouterr().out
+
+
+def test_a_deleted_run_lock_does_not_let_a_second_run_in(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """The lock is on the output directory itself: deleting run.lock (its description) while a run holds the
+    directory lets no second --resume start (both died on ENOENT); the holder is still named when the file is
+    there."""
+    run = tmp_path / "run"
+    first = DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, save_every=2))
+    assert (run / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    (run / "run.lock").unlink()
+    monkeypatch.setattr(checkpoint, "_HELD_LOCKS", {})  # as another process: its own open of the directory
+    with pytest.raises(UserError, match=r"^--output-dir .*run: another run \(another process\) is using it"):
+        DPOTrainer(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, resume=True))
+    first.train()  # unharmed: trains, saves and exports, then lets go of the directory
+    assert (run / "final" / "model.safetensors").exists()
+    t = dpo_main(dpo_args(tiny_model_dir, pairs_file, run, total_steps=2, resume=True))
+    assert t.global_step == 2
+
+
+def test_run_json_records_the_reward_model(tiny_model_dir, tmp_path, monkeypatch):
+    """ppo.py and online_dpo.py --reward-model: the judge is part of what a resume must share."""
+    from online_dpo import Args as OnlineArgs, OnlineDPOTrainer
+    from ppo import Args as PPOArgs, PPOTrainer
+    rm = _reward_model_dir(tiny_model_dir, tmp_path / "rm")
+    task = _task(tmp_path)
+    common = dict(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_model=str(rm), precision="fp32",
+                  batch_size=2, total_steps=1, max_length=48, max_new_tokens=4, eval_size=2)
+    for trainer, args in ((PPOTrainer, PPOArgs), (OnlineDPOTrainer, OnlineArgs)):
+        out = tmp_path / trainer.script_name
+        trainer(args(**common, output_dir=str(out))).release_output_dir()
+        assert json.loads((out / "run.json").read_text())["reward_model"] == str(rm.resolve())
+
+
+def _reward_model_dir(tiny_model_dir, d: Path) -> Path:
+    """A one-output sequence classifier on the tiny model's backbone (what reward.py exports)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    config.pad_token_id = config.eos_token_id
+    torch.manual_seed(7)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(d)
+    return d
+
+
+# --- FSDP x2: incomplete weights, a big teacher's memory plan, reward models on the meta device (one launch) ---------
+
+
+def _damaged_models(tiny_model_dir, d: Path) -> dict[str, Path]:
+    """The tiny model three ways incomplete: sharded safetensors with one shard deleted, model.safetensors cut in
+    half, a cut pytorch_model.bin (tokenizers intact)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    out = {}
+    for name in ("shard_deleted", "safetensors_cut", "bin_cut"):
+        target = d / name
+        shutil.copytree(tiny_model_dir, target)
+        (target / "model.safetensors").unlink()
+        if name == "shard_deleted":
+            model.save_pretrained(target, max_shard_size="40KB")
+            index = json.loads((target / "model.safetensors.index.json").read_text())
+            shards = sorted(set(index["weight_map"].values()))
+            assert len(shards) >= 2, shards
+            (target / shards[-1]).unlink()
+        elif name == "safetensors_cut":
+            shutil.copy(Path(tiny_model_dir) / "model.safetensors", target)
+            with open(target / "model.safetensors", "r+b") as f:
+                f.truncate(os.path.getsize(target / "model.safetensors") // 2)
+        else:
+            torch.save(model.state_dict(), target / "pytorch_model.bin")
+            with open(target / "pytorch_model.bin", "r+b") as f:
+                f.truncate(os.path.getsize(target / "pytorch_model.bin") // 2)
+        out[name] = target
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_x2_incomplete_weights_big_teacher_and_meta_reward_models(tiny_model_dir, tmp_path):
+    """One torchrun launch, FSDP x2 (tests/fsdp_worker.py):
+    - --model (dpo.py) and --teacher (distill.py) with a deleted shard, a cut model.safetensors, a cut
+      pytorch_model.bin: one UserError naming the flag and the path, the same on both ranks (it was a traceback per
+      rank, exit 1); the last one through run_main: exit 2 on both ranks, one error line;
+    - distill.py with a 39M teacher: the plan counts the teacher's own bytes (half per rank) and its largest unit;
+    - reward.py loads on the meta device, its new head seeded: the whole model equals one process's;
+      ppo.py --reward-model loads the reward model on the meta device too."""
+    from reward import Args as RewardArgs, RewardTrainer
+    damaged = _damaged_models(tiny_model_dir, tmp_path / "damaged")
+    teacher, n_teacher, layer = big_teacher_dir(tmp_path / "teacher")  # conftest: 39M parameters
+    rm = _reward_model_dir(tiny_model_dir, tmp_path / "rm")
+    small = dict(precision="fp32", batch_size=2, total_steps=1, max_length=64, dataset="arithmetic", strategy="fsdp")
+    cases = []
+    for name, path in damaged.items():
+        cases.append(dict(name=f"model_{name}", script="dpo", trainer="DPOTrainer", kind="error",
+                          args=small | dict(model=str(path), output_dir=str(tmp_path / f"m_{name}"))))
+        cases.append(dict(name=f"teacher_{name}", script="distill", trainer="DistillTrainer", kind="error",
+                          args=small | dict(model=tiny_model_dir, teacher=str(path), max_new_tokens=4,
+                                            output_dir=str(tmp_path / f"t_{name}"))))
+    reward_args = small | dict(model=tiny_model_dir, seed=5)
+    cases += [dict(name="plan", script="distill", trainer="DistillTrainer", kind="plan",
+                   args=small | dict(model=tiny_model_dir, teacher=str(teacher), max_new_tokens=4,
+                                     output_dir=str(tmp_path / "plan"))),
+              dict(name="reward", script="reward", trainer="RewardTrainer", kind="meta", patch="reward",
+                   args=reward_args | dict(output_dir=str(tmp_path / "reward"))),
+              dict(name="ppo", script="ppo", trainer="PPOTrainer", kind="meta", patch="rollout",
+                   args=small | dict(model=tiny_model_dir, reward_model=str(rm), max_new_tokens=4,
+                                     max_length=48, output_dir=str(tmp_path / "ppo")))]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29597", "tests/fsdp_worker.py",
+                        str(tmp_path), str(tmp_path / "cases.json")], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-4000:]
+    assert "exitcode: 2" in r.stderr and "exitcode: -" not in r.stderr and "[rank" not in r.stderr, r.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank agreed on each error, plan and load
+    got = ranks[0]
+    for name, path in damaged.items():
+        for flag, key in (("--model", f"model_{name}"), ("--teacher", f"teacher_{name}")):
+            assert re.match(rf"{flag} {re.escape(str(path))}: could not load", got[key]), (key, got[key])
+            assert "\n" not in got[key]
+        assert not (tmp_path / f"m_{name}").exists() and not (tmp_path / f"t_{name}").exists()
+    assert errors[0] == f"error: {got['teacher_bin_cut']}"  # the last error case, again through run_main
+    plan = got["plan"]
+    assert plan["reference"] == pytest.approx(4 * n_teacher / 2)  # the teacher's own size, sharded on 2 ranks
+    assert plan["gathered"] == pytest.approx(4 * layer * 2)  # a teacher's layer, gathered: far above the student's
+    assert got["reward"] == [["--model", True]]
+    assert got["ppo"] == [["--reward-model", True]]  # (the policy and its reference: BaseTrainer's meta load)
+    one = RewardTrainer(RewardArgs(**(reward_args | dict(strategy="ddp", output_dir=str(tmp_path / "reward1")))))
+    fsdp = torch.load(tmp_path / "reward.pt")
+    assert fsdp.keys() == dict(one.model.named_parameters()).keys()
+    for n, p in one.model.named_parameters():
+        torch.testing.assert_close(fsdp[n], p.detach(), msg=n)
+    one.release_output_dir()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -156,7 +155,6 @@ class BaseTrainer(ABC):
     summary_keys: tuple[str, ...] = ("loss",)  # eval metrics printed as "before -> after" at the end
     samples_per_s_key = "samples_per_s"  # what a sample is called in the throughput metric
     state_flags: tuple[str, ...] = ()  # flags besides model and LoRA that change the saved state (run.json)
-    accumulation_splits_batch = False  # online scripts: --gradient-accumulation-steps splits --batch-size's prompts
 
     def __init__(self, args: TrainArgs):
         args.validate()
@@ -394,53 +392,22 @@ class BaseTrainer(ABC):
         window = (self.window or MetricWindow()).state(self.device)  # a collective: summed over ranks
         state = {"global_step": self.global_step, "consumed_rows": self.sampler.consumed,
                  "world_size": self.dist.world_size, "wandb_id": self.run_log.wandb_id,
-                 "skipped_steps": self.nonfinite.skipped, "args": json.loads(json.dumps(dataclasses.asdict(self.args),
-                                                                                         default=str)),
+                 "skipped_steps": self.nonfinite.skipped, "args": checkpoint.flag_values(self.args),
                  "record": self.record, "metric_window": window}
         checkpoint.save(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
                         self.args.keep_checkpoints, trainable_only=bool(self.args.lora_r))
 
     def load_checkpoint(self) -> None:
+        # before loading: name the flags that changed since the checkpoint, refuse those that change what is trained
+        check = lambda state, ckpt: checkpoint.check_changed_flags(state, ckpt, self.args, self.dist.world_size,
+                                                                   self.state_flags)
         state = checkpoint.resume(self.output_dir, self.model, self.optimizer, self.scheduler, self.dist.rank,
-                                  trainable_only=bool(self.args.lora_r), check=self.check_resumed_flags)
+                                  trainable_only=bool(self.args.lora_r), check=check)
         if state is not None:
             self.global_step, self.sampler.consumed = state["global_step"], state["consumed_rows"]
             self.run_log.wandb_id, self.nonfinite.skipped = state.get("wandb_id"), state.get("skipped_steps", 0)
             if state.get("metric_window"):  # the steps since the last record: the next record averages them too
                 self.window = MetricWindow.restore(state["metric_window"], self.dist.is_main)
-
-    def check_resumed_flags(self, state: dict, ckpt) -> None:
-        """--resume: one line naming every flag that differs from the checkpoint's; a change of a flag that changes
-        what is trained (any but RUN_FLAGS; --batch-size and accumulation only where the global batch changes) is
-        refused unless --allow-changed-flags. (Script, model, LoRA and state flags: the run record, already checked.)"""
-        saved = state.get("args")
-        if not isinstance(saved, dict):  # a checkpoint from before flags were saved
-            return
-        now = json.loads(json.dumps(dataclasses.asdict(self.args), default=str))
-        # the run record's (checked already), and those that differ on every resume
-        recorded = {"model", "lora_r", "lora_alpha", "lora_target_modules", *self.state_flags, "output_dir", "resume",
-                    "allow_changed_flags"}
-        shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
-        changed, trained = [], []
-        for k, v in now.items():
-            if k in saved and k not in recorded and saved[k] != v:
-                changed.append(f"--{k.replace('_', '-')} {shown(saved[k])} -> {shown(v)}")
-                if k not in RUN_FLAGS and k not in ("batch_size", "gradient_accumulation_steps"):
-                    trained.append(changed[-1])
-        world = self.dist.world_size
-        rows = lambda f, w: f["batch_size"] * w * (1 if self.accumulation_splits_batch else
-                                                   f["gradient_accumulation_steps"])
-        if all(k in saved for k in ("batch_size", "gradient_accumulation_steps")):
-            before, after = rows(saved, state.get("world_size", world)), rows(now, world)
-            if before != after:  # another per-device batch on another world size may keep it: then nothing changed
-                per = "--batch-size x " + ("" if self.accumulation_splits_batch else "accumulation x ")
-                changed.append(f"global batch {before} -> {after} ({per}world size)")
-                trained.append(changed[-1])
-        if trained and not self.args.allow_changed_flags:
-            raise UserError(f"--resume: {', '.join(trained)} since {ckpt.name}: that changes what is trained; resume "
-                            f"with the checkpoint's values or pass --allow-changed-flags")
-        if changed:
-            print0(f"--resume: changed since {ckpt.name}: {', '.join(changed)}")
 
     def export(self) -> None:
         """The final model in HF format: AutoModelForCausalLM.from_pretrained(output_dir/final), streamed one tensor at
@@ -563,6 +530,11 @@ class TrainArgs:
     def default_max_prompt_length(self) -> int:
         return self.max_length // 2
 
+    def rows_per_step(self, world_size: int) -> int:
+        """Rows of the data one step draws: the global batch (online scripts, whose accumulation splits
+        --batch-size's prompts, override it)."""
+        return self.batch_size * self.gradient_accumulation_steps * world_size
+
     def validate(self) -> None:
         """Every numeric flag checked up front, one line naming it; defaults that follow other flags filled in."""
         for name in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints", "max_length"):
@@ -597,16 +569,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt")
 """the transformers.get_scheduler names that run with warm-up steps and a total alone (tests/test_safeguards.py tries
 every name transformers knows)"""
-
-RUN_FLAGS = frozenset({
-    "total_steps", "output_dir", "resume", "allow_changed_flags", "log_every", "eval_every", "save_every",
-    "keep_checkpoints", "track", "wandb_project", "gather_for_generation", "skip_nonfinite_steps", "strategy",
-    "gradient_checkpointing", "trust_remote_code", "padding_free", "loss_chunk", "precompute_ref_logps",
-    "env_timeout"})
-"""flags that manage a run without changing what it trains (or change it only within float rounding: the layout,
-recomputation and sharding): --resume may change them, and names them. Everything else, --precision and --seed
-included, changes what is trained: --resume refuses a change unless --allow-changed-flags."""
-
 
 def check_flag(args, name: str, ok: bool, why: str) -> None:
     """One line naming the flag; NaN fails every comparison, so `ok` is False for it too."""

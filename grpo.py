@@ -124,6 +124,9 @@ class Args(TrainArgs, EpisodeArgs):
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
 
+    def rows_per_step(self, world_size: int) -> int:
+        return self.batch_size * world_size  # accumulation splits a rollout's prompts, it draws no more
+
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
@@ -250,7 +253,6 @@ def reward_std_over_ranks(rewards: torch.Tensor) -> torch.Tensor:
 
 class GRPOTrainer(BaseTrainer):
     script_name = "grpo"
-    accumulation_splits_batch = True  # --batch-size prompts per rollout, split into micro-batches
     summary_keys = ("reward", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

@@ -97,6 +97,9 @@ class Args(TrainArgs, EpisodeArgs):
     def default_max_prompt_length(self) -> int:
         return self.max_length - self.max_new_tokens
 
+    def rows_per_step(self, world_size: int) -> int:
+        return self.batch_size * world_size  # accumulation splits a rollout's prompts, it draws no more
+
     def validate(self) -> None:
         check_flag(self, "max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         super().validate()
@@ -255,7 +258,6 @@ class ActorCritic(nn.Module):
 class PPOTrainer(BaseTrainer):
     script_name = "ppo"
     state_flags = ("critic", "reward_model")  # a separate critic is a second backbone in the saved state
-    accumulation_splits_batch = True  # --batch-size prompts per rollout, split into micro-batches
     summary_keys = ("scores", "greedy_accuracy")
     samples_per_s_key = "episodes_per_s"
     args: Args

@@ -103,6 +103,56 @@ def _rollback_metrics(output_dir: Path, step: int) -> None:
     agree_on_error(error)
 
 
+def check_changed_flags(state: dict, ckpt: Path, args, world_size: int, state_flags: tuple[str, ...]) -> None:
+    """--resume: one line naming every flag that differs from the checkpoint's; a change of a flag that changes what
+    is trained (any but RUN_FLAGS; --batch-size and accumulation only where the global batch changes) is refused
+    unless --allow-changed-flags. (Script, model, LoRA and state flags: the run record, checked already.)"""
+    import dataclasses
+    saved = state.get("args")
+    if not isinstance(saved, dict):  # a checkpoint from before flags were saved
+        return
+    now = flag_values(args)
+    recorded = {"model", "lora_r", "lora_alpha", "lora_target_modules", *state_flags}
+    batch = ("batch_size", "gradient_accumulation_steps")
+    changed, trained = [], []
+    for k, v in now.items():
+        if k in saved and k not in recorded and k not in ("output_dir", "resume") and saved[k] != v:
+            changed.append(f"--{k.replace('_', '-')} {_shown(saved[k])} -> {_shown(v)}")
+            if k not in RUN_FLAGS and k not in batch:
+                trained.append(changed[-1])
+    if all(k in saved for k in batch):  # another per-device batch on another world size may keep the global one
+        before = dataclasses.replace(args, **{k: saved[k] for k in batch}).rows_per_step(
+            state.get("world_size", world_size))
+        if before != (after := args.rows_per_step(world_size)):
+            changed.append(f"global batch {before} -> {after}")
+            trained.append(changed[-1])
+    if trained and not args.allow_changed_flags:
+        raise UserError(f"--resume: {', '.join(trained)} since {ckpt.name}: that changes what is trained; resume "
+                        f"with the checkpoint's values or pass --allow-changed-flags")
+    if changed:
+        print0(f"--resume: changed since {ckpt.name}: {', '.join(changed)}")
+
+
+RUN_FLAGS = frozenset({
+    "total_steps", "output_dir", "resume", "allow_changed_flags", "log_every", "eval_every", "save_every",
+    "keep_checkpoints", "track", "wandb_project", "gather_for_generation", "skip_nonfinite_steps", "strategy",
+    "gradient_checkpointing", "trust_remote_code", "padding_free", "loss_chunk", "precompute_ref_logps",
+    "env_timeout"})
+"""flags that manage a run without changing what it trains (or change it only within float rounding: the layout,
+recomputation and sharding): --resume may change them, and names them. Everything else, --precision and --seed
+included, changes what is trained: --resume refuses a change unless --allow-changed-flags."""
+
+
+def flag_values(args) -> dict:
+    """The flags as JSON values (what a checkpoint saves and a resume compares)."""
+    import dataclasses
+    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+
+
+def _shown(v) -> str:
+    return "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run directory: its name, lock and run.json; whole metrics lines; what a failed write says
 

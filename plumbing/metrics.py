@@ -27,8 +27,9 @@ class MetricWindow:
     def add(self, metrics: dict, weight: float, tokens: float = 0.0) -> None:
         for k, v in metrics.items():
             total, count = (v.total, v.count) if hasattr(v, "count") else (float(v) * weight, weight)
-            self.totals[k] = self.totals.get(k, 0.0) + float(total)
-            self.counts[k] = self.counts.get(k, 0.0) + float(count)
+            scalar = lambda x: float(x.detach()) if torch.is_tensor(x) else float(x)  # a metric may carry a graph
+            self.totals[k] = self.totals.get(k, 0.0) + scalar(total)
+            self.counts[k] = self.counts.get(k, 0.0) + scalar(count)
         self.samples += weight
         self.tokens += tokens
 

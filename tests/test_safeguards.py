@@ -290,6 +290,17 @@ def test_peft_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 
+def test_lora_target_modules_all_linear_as_a_flag_value(tiny_model_dir):
+    """`--lora-target-modules all-linear` (what a resume refusal names; tyro makes it a list) adapts every linear
+    layer but the head, as leaving the flag out does; peft refused the list ("all-linear not found")."""
+    counts = []
+    for targets in (["all-linear"], None):
+        args = SimpleNamespace(lora_r=4, lora_alpha=None, lora_dropout=0.0, lora_target_modules=targets)
+        wrapped = models.add_lora(models.load_model(tiny_model_dir), args)
+        counts.append(sorted(n for n, _ in wrapped.named_modules() if n.endswith(".lora_A")))
+    assert counts[0] == counts[1] and len(counts[0]) == 7 * 2  # q k v o gate up down in each of 2 layers
+
+
 def test_ddp_wrapping_raises_no_future_warning(tiny_model_dir, tmp_path):
     """torch 2.13 deprecates DDP's broadcast_buffers: one FutureWarning per rank at every start."""
     import torch.distributed as dist
@@ -525,7 +536,8 @@ def test_sigterm_during_the_export_finishes_it(tiny_model_dir, pairs_file, tmp_p
             assert p.returncode == 0, stderr[-2000:]
         assert f"exported {out / 'final'}" in stdout, (stdout[-2000:], stderr[-2000:])
         assert "SIGTERM: came as the run was ending" in stdout, stdout[-2000:]
-        assert "Traceback" not in stderr, stderr[-3000:]
+        # torchrun's agent raises SignalException on the signal (its own traceback); the workers print none
+        assert stderr.count("Traceback") == (nproc == 2 and "SignalException: Process" in stderr), stderr[-3000:]
         assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
         AutoModelForCausalLM.from_pretrained(out / "final")
 

@@ -185,6 +185,36 @@ def test_dapo_normalisation_invariant_to_accumulation(tiny_model_dir, task_dir, 
     assert any(not torch.allclose(naive[n], one[n], rtol=1e-3) for n in one)
 
 
+def test_token_metrics_are_means_over_the_steps_tokens(tiny_model_dir, task_dir, tmp_path, monkeypatch):
+    """kl, entropy and the clip fractions as logged (summed over micro-batches, as the loop and ranks sum them) are
+    the same for one micro-batch of 4 groups and two ragged ones of 2: means over the step's tokens, as TRL logs
+    them; each micro-batch's own token mean, weighed by its sequences, differs (the check can fail)."""
+    from plumbing.metrics import MetricWindow
+    monkeypatch.syspath_prepend(str(task_dir))
+    tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, beta=0.1, num_iterations=2))
+
+    def logged(micro_batches, per_micro_batch=False):
+        window = MetricWindow()
+        for mb in micro_batches:
+            with torch.no_grad():
+                metrics = tr.compute_loss(tr.model, mb).metrics
+            if per_micro_batch:
+                metrics = {k: m.total / m.count for k, m in metrics.items()}
+            window.add(metrics, mb.num_samples)
+        return window.reduce(tr.device, rates=False)
+    tr.args.gradient_accumulation_steps = 1
+    whole = logged(grpo_micro_batches(tr, [0, 1, 2, 3], old_policy_shift=0.5))
+    tr.args.gradient_accumulation_steps = 2
+    halves = grpo_micro_batches(tr, [0, 1, 2, 3], old_policy_shift=0.5)
+    assert halves[0]["loss_mask"].sum() != halves[1]["loss_mask"].sum()
+    split = logged(halves)
+    keys = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean")
+    for k in keys:
+        assert split[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-7), k
+    naive = logged(halves, per_micro_batch=True)
+    assert any(naive[k] != pytest.approx(whole[k], rel=1e-3) for k in keys)
+
+
 def test_groups_stay_whole_and_share_their_prompt(tiny_model_dir, task_dir, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(task_dir))
     tr = GRPOTrainer(_args(tiny_model_dir, task_dir, tmp_path, gradient_accumulation_steps=2))

@@ -112,11 +112,13 @@ def check_changed_flags(state: dict, ckpt: Path, args, world_size: int, state_fl
     if not isinstance(saved, dict):  # a checkpoint from before flags were saved
         return
     now = flag_values(args)
-    recorded = {"model", "lora_r", "lora_alpha", "lora_target_modules", *state_flags}
+    # the run record's (checked already), and those that differ on every resume
+    skipped = {"model", "lora_r", "lora_alpha", "lora_target_modules", *state_flags, "output_dir", "resume",
+               "allow_changed_flags"}
     batch = ("batch_size", "gradient_accumulation_steps")
     changed, trained = [], []
     for k, v in now.items():
-        if k in saved and k not in recorded and k not in ("output_dir", "resume") and saved[k] != v:
+        if k in saved and k not in skipped and saved[k] != v:
             changed.append(f"--{k.replace('_', '-')} {_shown(saved[k])} -> {_shown(v)}")
             if k not in RUN_FLAGS and k not in batch:
                 trained.append(changed[-1])

@@ -126,18 +126,19 @@ def sample(trainer, examples: list[dict], num_samples: int = 1, greedy: bool = F
                    has_eos, tok.batch_decode(completions, skip_special_tokens=True))
 
 
-def load_reward_fn(spec: str):
-    """`module:function` from the working directory or the installed packages."""
+def load_callable(spec: str, flag: str):
+    """`module:function` (a reward function, an environment factory) from the working directory or the installed
+    packages."""
     module, _, name = spec.partition(":")
     try:
         sys.path.insert(0, os.getcwd())
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"--reward-fn {spec}: cannot import ({e})") from None
+        raise UserError(f"{flag} {spec}: cannot import ({e})") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran: a SyntaxError, or it raised
-        raise UserError(f"--reward-fn {spec}: importing {module} raised {first_line(e)}") from None
+        raise UserError(f"{flag} {spec}: importing {module} raised {first_line(e)}") from None
     if not callable(fn):
-        raise UserError(f"--reward-fn {spec}: not callable")
+        raise UserError(f"{flag} {spec}: not callable")
     return fn
 
 
@@ -252,26 +253,11 @@ def online_examples(trainer, train_rows: list, eval_rows: list) -> tuple[list[di
     """An online script's train and eval examples. With --env the environment opens each episode from its row
     (`trainer.env`, an Env, is set); else each prompt is tokenized and cut from the left to --max-prompt-length."""
     a = trainer.args
-    trainer.env = Env(a.env, load_env(a.env), a.max_turns, a.env_timeout) if a.env else None
+    trainer.env = Env(a.env, load_callable(a.env, "--env"), a.max_turns, a.env_timeout) if a.env else None
     if trainer.env:
         return env_examples(train_rows, "train"), env_examples(eval_rows, "eval")
     return tuple(prompt_examples(trainer.tokenizer, rows, a.max_prompt_length, split)
                  for rows, split in ((train_rows, "train"), (eval_rows, "eval")))
-
-
-def load_env(spec: str):
-    """The factory of `--env module:factory`, imported like a reward function."""
-    module, _, name = spec.partition(":")
-    try:
-        sys.path.insert(0, os.getcwd())
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"--env {spec}: cannot import ({e})") from None
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code ran
-        raise UserError(f"--env {spec}: importing {module} raised {first_line(e)}") from None
-    if not callable(factory):
-        raise UserError(f"--env {spec}: not callable")
-    return factory
 
 
 MESSAGES = "a non-empty list of {role, content} messages"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from plumbing.data import read_rows, train_eval_rows
 from plumbing.run import UserError
-from rollout import Env, episode_metrics, evaluate_replies, load_reward_fn, prompt_examples
+from rollout import Env, episode_metrics, evaluate_replies, load_callable, prompt_examples
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def default_env(dataset: str) -> str | None:
 def reward_fns(specs: list[str], dataset: str, other: str = "") -> list[tuple[str, object]]:
     """(name, function) of each --reward-fn, or on a built-in task its verifier (`tasks:reward`)."""
     if specs:
-        return [(spec, load_reward_fn(spec)) for spec in specs]
+        return [(spec, load_callable(spec, "--reward-fn")) for spec in specs]
     if is_task(dataset):
         return [("tasks:reward", reward)]
     raise UserError(f"--dataset {dataset}: pass --reward-fn module:function{other}")

@@ -17,12 +17,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def build_tokenizer():
-    """Byte-level BPE without merges: every byte is a token, any text encodes. pad == eos, as in SmolLM2."""
+def build_tokenizer(permuted: bool = False):
+    """Byte-level BPE without merges: every byte is a token, any text encodes. pad == eos, as in SmolLM2.
+    permuted: the same tokens and size, other ids (each byte's id reversed: the same text -> other ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab = {c: i for i, c in enumerate(sorted(alphabet, reverse=permuted))}
     vocab["<eos>"] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -179,22 +179,6 @@ def test_bad_flags_are_one_line(tiny_model_dir, other_teacher, rows_file, tmp_pa
         DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o2", teacher=str(small)))
 
 
-def permuted_tokenizer():
-    """build_tokenizer's tokens and size, other ids: each byte's id reversed (text -> other ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from conftest import CHAT_TEMPLATE
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True)
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["<eos>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
 def test_teacher_tokenizer_is_compared_not_its_row_count(tiny_model_dir, other_teacher, rows_file, tmp_path):
     """A teacher with the student's tokenizer and an embedding padded to 320 rows (as Qwen2.5 7B's is beside 0.5B's)
     trains, with the loss of the same teacher unpadded (the extra rows are never used); a teacher of the same size
@@ -221,7 +205,7 @@ def test_teacher_tokenizer_is_compared_not_its_row_count(tiny_model_dir, other_t
 
     other = tmp_path / "other_ids"
     AutoModelForCausalLM.from_pretrained(other_teacher).save_pretrained(other)
-    permuted_tokenizer().save_pretrained(other)
+    build_tokenizer(permuted=True).save_pretrained(other)
     with pytest.raises(UserError, match=r"^--teacher .*other_ids: its tokenizer is not the student's \('.' is id \d+, "
                                         r"not \d+\); the teacher must share the student's tokenizer$"):
         DistillTrainer(distill_args(tiny_model_dir, rows_file, tmp_path / "o3", teacher=str(other)))

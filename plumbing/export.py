@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plumbing.checkpoint import fsync, write_failure
+from plumbing.models import quiet_peft
 from plumbing.run import UserError, agree_on_error, first_error, print0
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -386,7 +387,6 @@ def _write_adapter(path: Path, peft_model: nn.Module, is_main: bool) -> str:
         adapter = {k: _full(v).cpu() for k, v in state.items() if id(v) in picked}
     error = ""
     if is_main:
-        from plumbing.models import quiet_peft
         try:
             with quiet_peft():
                 peft_model.save_pretrained(path, state_dict=adapter)

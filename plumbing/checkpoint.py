@@ -13,6 +13,7 @@ write removes the .tmp and stops the run with one line; older checkpoints stay. 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -107,7 +109,6 @@ def check_changed_flags(state: dict, ckpt: Path, args, world_size: int, state_fl
     """--resume: one line naming every flag that differs from the checkpoint's; a change of a flag that changes what
     is trained (any but RUN_FLAGS; --batch-size and accumulation only where the global batch changes) is refused
     unless --allow-changed-flags. (Script, model, LoRA and state flags: the run record, checked already.)"""
-    import dataclasses
     saved = state.get("args")
     if not isinstance(saved, dict):  # a checkpoint from before flags were saved
         return
@@ -147,7 +148,6 @@ included, changes what is trained: --resume refuses a change unless --allow-chan
 
 def flag_values(args) -> dict:
     """The flags as JSON values (what a checkpoint saves and a resume compares)."""
-    import dataclasses
     return json.loads(json.dumps(dataclasses.asdict(args), default=str))
 
 
@@ -362,11 +362,10 @@ def check_run_record(out: Path, saved: dict, record: dict, where: str = "run.jso
     if saved.get("script", record["script"]) != record["script"]:
         raise UserError(f"--output-dir {out}: holds a {saved['script']}.py run ({where}); {record['script']}.py "
                         f"cannot resume it. Start a new run, e.g. with --model {out / 'final'}")
-    shown = lambda v: "(not set)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
     for key, value in record.items():
         if key in saved and saved[key] != value:
             flag = f"--{key.replace('_', '-')}"
-            raise UserError(f"--resume: {flag} {shown(value)}, but {out} was started with {flag} {shown(saved[key])} "
+            raise UserError(f"--resume: {flag} {_shown(value)}, but {out} was started with {flag} {_shown(saved[key])} "
                             f"(its {where}); resume with the same {flag} or choose another --output-dir")
 
 
@@ -384,7 +383,6 @@ def release_lock(lock) -> None:
 
 def write_checkpoint(output_dir: Path, step: int, dcp_state: dict, scheduler_state: dict, state: dict,
                      keep: int) -> None:
-    import torch.distributed.checkpoint as dcp
     final = Path(output_dir) / "checkpoints" / f"step_{step:08d}"
     tmp, rank, error = final.with_name(final.name + ".tmp"), dist.get_rank() if dist.is_initialized() else 0, ""
     if rank == 0:
@@ -473,7 +471,6 @@ def verify_checkpoint(ckpt: Path) -> str:
 def read_checkpoint(ckpt: Path, dcp_state: dict, rank: int):
     """-> (dcp_state filled in, scheduler state, trainer state, this rank's rng or None), or None (said why) if the
     checkpoint is damaged on any rank. Rank 0 verifies the manifest; then every rank loads."""
-    import torch.distributed.checkpoint as dcp
     why = verify_checkpoint(ckpt) if rank == 0 else ""
     if dist.is_initialized():
         box = [why]

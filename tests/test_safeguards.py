@@ -61,6 +61,14 @@ def _task(tmp_path: Path) -> Path:
     return write_prompt_task(tmp_path / "task")
 
 
+def _grpo_resume_args(model: str, task: Path, run: Path):
+    """grpo.py --resume on `run` (a dpo.py run directory in these tests), a few tiny steps."""
+    from grpo import Args
+    return Args(model=model, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"], output_dir=str(run),
+                precision="fp32", batch_size=2, num_generations=2, total_steps=4, max_length=48, max_new_tokens=4,
+                resume=True)
+
+
 def weights(t) -> dict:
     return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 
@@ -198,15 +206,13 @@ def test_resume_with_another_model_or_lora_is_one_line_naming_both(saved, tiny_m
 
 def test_another_script_cannot_resume_a_run(saved, tiny_model_dir, tmp_path, monkeypatch):
     """grpo.py --resume on dpo.py's directory: one line, the directory untouched (it 'resumed' and exported before)."""
-    from grpo import Args, GRPOTrainer
+    from grpo import GRPOTrainer
     task = _task(tmp_path)
     monkeypatch.syspath_prepend(str(task))
     run = tmp_path / "run"
     shutil.copytree(saved, run)
     before = snapshot(run)
-    args = Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"],
-                output_dir=str(run), precision="fp32", batch_size=2, num_generations=2, total_steps=4,
-                max_length=48, max_new_tokens=4, resume=True)
+    args = _grpo_resume_args(tiny_model_dir, task, run)
     with pytest.raises(UserError, match=r"^--output-dir .*run: holds a dpo\.py run \(run\.json\); grpo\.py cannot "
                                         r"resume it"):
         GRPOTrainer(args)
@@ -674,7 +680,7 @@ def test_lost_run_json_is_checked_against_the_checkpoint_then_rewritten(saved, t
     """run.json deleted or replaced by {}: another script or model is still refused (one line naming the
     checkpoint's record, nothing written); the run itself resumes and run.json is rewritten, and said. A run from
     before run records (none in run.json or its checkpoints) resumes with a one-line warning."""
-    from grpo import Args, GRPOTrainer
+    from grpo import GRPOTrainer
     task = _task(tmp_path)
     monkeypatch.syspath_prepend(str(task))
     record = json.loads((saved / "run.json").read_text())
@@ -686,9 +692,7 @@ def test_lost_run_json_is_checked_against_the_checkpoint_then_rewritten(saved, t
         else:
             (run / "run.json").write_text("{}")
         before = snapshot(run)
-        args = Args(model=tiny_model_dir, dataset=str(task / "prompts.jsonl"), reward_fn=["my_rewards:length"],
-                    output_dir=str(run), precision="fp32", batch_size=2, num_generations=2, total_steps=4,
-                    max_length=48, max_new_tokens=4, resume=True)
+        args = _grpo_resume_args(tiny_model_dir, task, run)
         with pytest.raises(UserError, match=r"^--output-dir .*: holds a dpo\.py run \(step_00000002/trainer_state\."
                                             r"json\); grpo\.py cannot resume it"):
             GRPOTrainer(args)
